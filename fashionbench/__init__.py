@@ -1,0 +1,1 @@
+"""fashionbench: an honest, fast, reproducible Fashion-MNIST benchmark."""

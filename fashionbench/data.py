@@ -1,0 +1,238 @@
+"""Fashion-MNIST files: fetching, verification, IDX parsing, splits and the prepared arrays."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fashionbench.errors import UserError
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+# SHA-256 of each file's decompressed IDX content. Mirrors recompress the .gz files (the
+# Debian package's bytes differ from the official ones); the content never changes.
+FILES = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+HOW_TO_GET = (
+    "To get the data: install Debian's package (apt-get install dataset-fashion-mnist), "
+    "or allow access to the official mirror, or put the four official files (.gz or not) "
+    "in a directory and list it first under download.sources in params.yaml."
+)
+
+
+class DataError(UserError):
+    """The data is missing, corrupt or unreadable; the message says which file and what to do."""
+
+
+# ---------------------------------------------------------------- IDX
+
+
+def parse_idx(content: bytes, name: str = "IDX file") -> np.ndarray:
+    """Decode an IDX (unsigned byte) array, checking its header against its length."""
+    if len(content) < 4 or content[0] != 0 or content[1] != 0:
+        raise DataError(f"{name}: not an IDX file (bad magic number)")
+    if content[2] != 0x08:
+        raise DataError(f"{name}: element type 0x{content[2]:02x} is not unsigned byte")
+    ndim = content[3]
+    header = 4 + 4 * ndim
+    if len(content) < header:
+        raise DataError(f"{name}: truncated header")
+    shape = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(content) != expected:
+        raise DataError(f"{name}: {len(content)} bytes where the header {shape} implies {expected}: "
+                        "the file is truncated or corrupt")
+    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def decompress(content: bytes, name: str) -> bytes:
+    """Raw IDX bytes from a gzip or plain file."""
+    if content[:2] != b"\x1f\x8b":
+        return content
+    try:
+        return gzip.decompress(content)
+    except (OSError, EOFError) as err:
+        raise DataError(f"{name}: gzip stream is truncated or corrupt ({err})") from err
+
+
+def verify(content: bytes, name: str) -> None:
+    """Raise DataError unless `content` is the official decompressed file `name`."""
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != FILES[name]:
+        parse_idx(content, name)  # a structural fault gives the more precise message
+        raise DataError(f"{name}: SHA-256 {digest[:12]}... does not match the official "
+                        f"{FILES[name][:12]}...: the file is corrupt or not Fashion-MNIST")
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def _read_source(source: str, name: str, timeout: float) -> bytes:
+    """The bytes of `name` (.gz preferred) from a directory or a URL base."""
+    if "://" in source:
+        return _http_get(f"{source.rstrip('/')}/{name}.gz", timeout)
+    for candidate in (Path(source) / f"{name}.gz", Path(source) / name):
+        if candidate.is_file():
+            return candidate.read_bytes()
+    raise FileNotFoundError(f"no {name}[.gz] in {source}")
+
+
+def _http_get(url: str, timeout: float) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "fashionbench"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        chunks = []
+        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
+            while chunk := response.read(1 << 16):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    return b"".join(chunks)
+
+
+def fetch_file(name: str, sources: tuple[str, ...], timeout: float) -> bytes:
+    """Verified decompressed content of `name` from the first source that has it intact."""
+    failures = []
+    for source in sources:
+        try:
+            content = decompress(_read_source(source, name, timeout), name)
+            verify(content, name)
+            return content
+        except (OSError, DataError) as err:  # URLError and timeouts are OSErrors
+            failures.append(f"  {source}: {err}")
+    raise DataError(f"could not get a verified copy of {name}. Sources tried:\n"
+                    + "\n".join(failures) + f"\n{HOW_TO_GET}")
+
+
+def download(sources: tuple[str, ...], dest: Path, timeout: float) -> None:
+    """Fetch and verify all four files, then replace `dest` in one step.
+
+    Nothing is written to `dest` unless every file is verified, so a failed run leaves the
+    previous data as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for name in FILES:
+            (staging / name).write_bytes(fetch_file(name, sources, timeout))
+        _swap_in(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- raw and prepared arrays
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, 28, 28) uint8
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_raw(raw_dir: Path) -> tuple[Split, Split]:
+    """The official train and test sets from the verified raw directory."""
+    arrays = {}
+    for name in FILES:
+        path = Path(raw_dir) / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run `dvc repro download` first")
+        arrays[name] = parse_idx(path.read_bytes(), name)
+    train = Split(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"].astype(np.int64))
+    test = Split(arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64))
+    return train, test
+
+
+def stratified_take(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified sample of `size` items."""
+    from sklearn.model_selection import train_test_split
+
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if size == len(labels):
+        return np.arange(len(labels))
+    taken, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels,
+                                random_state=seed)
+    return np.sort(taken)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: Split
+    val: Split | None
+    test: Split
+    mean: float  # of training pixels scaled to [0, 1]
+    std: float
+
+
+PREPARED_ARRAYS = "arrays.npz"
+PREPARED_STATS = "norm.json"
+
+
+def prepare(train: Split, test: Split, validation_size: int, subset_size: int, seed: int) -> Prepared:
+    """Carve a stratified validation split from train, then an optional stratified subset."""
+    val_idx = stratified_take(train.labels, validation_size, seed)
+    rest = np.setdiff1d(np.arange(len(train)), val_idx)
+    if subset_size:
+        rest = rest[stratified_take(train.labels[rest], subset_size, seed)]
+    fit = Split(train.images[rest], train.labels[rest])
+    val = Split(train.images[val_idx], train.labels[val_idx]) if validation_size else None
+    pixels = fit.images.astype(np.float64) / 255.0
+    return Prepared(fit, val, test, float(pixels.mean()), float(pixels.std()))
+
+
+def save_prepared(prepared: Prepared, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_x": prepared.train.images, "train_y": prepared.train.labels.astype(np.uint8),
+              "test_x": prepared.test.images, "test_y": prepared.test.labels.astype(np.uint8)}
+    if prepared.val is not None:
+        arrays |= {"val_x": prepared.val.images, "val_y": prepared.val.labels.astype(np.uint8)}
+    np.savez(out_dir / PREPARED_ARRAYS, **arrays)
+    stats = {"mean": prepared.mean, "std": prepared.std, "train": len(prepared.train),
+             "val": len(prepared.val) if prepared.val is not None else 0, "test": len(prepared.test)}
+    (out_dir / PREPARED_STATS).write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def load_prepared(prepared_dir: Path = Path("data/prepared")) -> Prepared:
+    """The one loader every training and evaluation stage uses."""
+    prepared_dir = Path(prepared_dir)
+    arrays_path, stats_path = prepared_dir / PREPARED_ARRAYS, prepared_dir / PREPARED_STATS
+    if not arrays_path.is_file() or not stats_path.is_file():
+        raise DataError(f"{prepared_dir} has no prepared data: run `dvc repro preprocess` first")
+    with np.load(arrays_path) as arrays:
+        def split(prefix: str) -> Split | None:
+            if f"{prefix}_x" not in arrays:
+                return None
+            return Split(arrays[f"{prefix}_x"], arrays[f"{prefix}_y"].astype(np.int64))
+        train, val, test = split("train"), split("val"), split("test")
+    stats = json.loads(stats_path.read_text())
+    return Prepared(train, val, test, stats["mean"], stats["std"])

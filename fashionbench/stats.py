@@ -1,0 +1,124 @@
+"""Dataset statistics and figures for the stats stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fashionbench.data import CLASS_NAMES, Split
+from fashionbench.params import Stats
+
+
+def summary(train: Split, test: Split) -> dict:
+    """Class counts, train pixel mean/std (pixels in [0, 1]) and image shape."""
+    pixels = train.images.astype(np.float64) / 255.0
+
+    def counts(split: Split) -> dict[str, int]:
+        per_class = np.bincount(split.labels, minlength=len(CLASS_NAMES))
+        return {name: int(n) for name, n in zip(CLASS_NAMES, per_class)}
+
+    return {
+        "train_images": len(train),
+        "test_images": len(test),
+        "image_shape": list(train.images.shape[1:]),
+        "train_mean": round(float(pixels.mean()), 6),
+        "train_std": round(float(pixels.std()), 6),
+        "train_per_class": counts(train),
+        "test_per_class": counts(test),
+    }
+
+
+def _seeded_subset(split: Split, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(split), size=min(size, len(split)), replace=False))
+    return split.images[idx].reshape(len(idx), -1) / 255.0, split.labels[idx]
+
+
+def write_figures(train: Split, cfg: Stats, seed: int, out_dir: Path) -> None:
+    """Sample sprite, class means, PCA and t-SNE maps and pixel histogram as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _sprite(train, cfg.sprite_per_class, seed, out_dir / "samples.png")
+    _class_means(train, out_dir / "class_means.png")
+    _embedding(train, "pca", cfg.pca_size, seed, cfg.tsne_perplexity, out_dir / "pca.png")
+    _embedding(train, "tsne", cfg.tsne_size, seed, cfg.tsne_perplexity, out_dir / "tsne.png")
+    _histogram(train, out_dir / "pixel_histogram.png")
+
+
+def _sprite(train: Split, per_class: int, seed: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(CLASS_NAMES), per_class, figsize=(per_class * 0.9, 10),
+                             squeeze=False)
+    for label, name in enumerate(CLASS_NAMES):
+        chosen = rng.choice(np.flatnonzero(train.labels == label), size=per_class, replace=False)
+        for col, index in enumerate(chosen):
+            ax = axes[label, col]
+            ax.imshow(train.images[index], cmap="gray_r", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[label, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Fashion-MNIST training samples ({per_class} per class)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _class_means(train: Split, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 5, figsize=(10, 4.6))
+    for label, (name, ax) in enumerate(zip(CLASS_NAMES, axes.flat)):
+        ax.imshow(train.images[train.labels == label].mean(axis=0), cmap="gray_r")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Mean training image per class")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _embedding(train: Split, method: str, size: int, seed: int, perplexity: float, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    features, labels = _seeded_subset(train, size, seed)
+    if method == "pca":
+        points = PCA(n_components=2, random_state=seed).fit_transform(features)
+        title, axis = "PCA of training images", "principal component"
+    else:
+        # t-SNE on 50 principal components: the usual denoising step, and far faster.
+        reduced = PCA(n_components=50, random_state=seed).fit_transform(features)
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                      n_jobs=-1).fit_transform(reduced)
+        title, axis = "t-SNE of training images", "t-SNE dimension"
+    fig, ax = plt.subplots(figsize=(8, 7))
+    cmap = plt.get_cmap("tab10")
+    for label, name in enumerate(CLASS_NAMES):
+        mask = labels == label
+        ax.scatter(points[mask, 0], points[mask, 1], s=3, color=cmap(label), label=name)
+    ax.set_title(f"{title} ({len(labels)} seeded samples, seed {seed})")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
+    ax.legend(markerscale=4, fontsize=8, loc="best")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _histogram(train: Split, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    counts = np.bincount(train.images.ravel(), minlength=256)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(np.arange(256), counts, width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_title("Pixel intensity histogram, all training images")
+    ax.set_xlabel("pixel value (0-255)")
+    ax.set_ylabel("pixels (log scale)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,26 @@
+"""Stage stats: class balance, pixel statistics and exploratory figures."""
+
+import json
+from pathlib import Path
+
+import typer
+
+from fashionbench.cli import user_errors
+from fashionbench.data import load_raw
+from fashionbench.params import PARAMS_FILE, load_params
+from fashionbench.stats import summary, write_figures
+
+
+def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
+         metrics: Path = Path("metrics/stats.json"), plots: Path = Path("plots/stats")) -> None:
+    """Write metrics/stats.json and the figures under plots/stats/."""
+    with user_errors():
+        config = load_params(params)
+        train, test = load_raw(raw)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(summary(train, test), indent=2) + "\n")
+    write_figures(train, config.stats, config.seed, plots)
+
+
+if __name__ == "__main__":
+    typer.run(main)
