@@ -357,10 +357,10 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml)."""
-    raw = dict(raw)
-    if raw.get("quick") is True:
-        raw = apply_overrides(raw, raw.get("quick_run") or {}, "quick_run")
-    return _build(Params, raw, "")
+    full = _build(Params, raw, "")  # the full recipes are checked even in a quick run
+    if not full.quick:
+        return full
+    return _build(Params, apply_overrides(raw, full.quick_run, "quick_run"), "")
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:
