@@ -257,8 +257,8 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         _require(self.model in ARCH_TYPES, "model",
                  f"unknown model {self.model!r}; registered: {', '.join(sorted(ARCH_TYPES))}")
-        arch = _build(ARCH_TYPES[self.model], self.arch, "arch")
-        object.__setattr__(self, "arch", arch)
+        if not isinstance(self.arch, ARCH_TYPES[self.model]):  # dataclasses.replace passes it built
+            object.__setattr__(self, "arch", _build(ARCH_TYPES[self.model], self.arch, "arch"))
         _require(self.epochs >= 1, "epochs", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")

@@ -1,0 +1,28 @@
+"""The seed's 2-conv CNN."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from fashionbench.params import CNNArch
+
+
+class CNN(nn.Module):
+    """conv32-relu-pool, conv64-relu-pool, fc256-relu-dropout, fc10: 824,458 parameters.
+
+    The 3x3 convs use padding 1, so two 2x2 pools leave 64 maps of 7x7 for the 3136-wide fc.
+    """
+
+    def __init__(self, arch: CNNArch, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(inplace=True),
+            nn.Dropout(arch.dropout), nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,141 @@
+"""One WideResNet class: WRN, pre-activation, squeeze-excitation and drop-path are options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fashionbench.params import WRNShape, WRNVariant
+
+
+@dataclass(frozen=True)
+class WRNConfig:
+    """A resolved WRN: the shared `model:` shape plus a stage's `arch:` variant."""
+
+    depth: int
+    widen: int
+    dropout: float
+    block: Literal["post", "pre"]
+    se_reduction: int
+    drop_path: float
+    drop_path_mode: Literal["sample", "batch"]
+
+    @classmethod
+    def combine(cls, shape: WRNShape, variant: WRNVariant) -> WRNConfig:
+        return cls(shape.depth, shape.widen, shape.dropout, variant.block,
+                   variant.se_reduction, variant.drop_path, variant.drop_path_mode)
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gates from the global average: C -> C/r -> C, sigmoid."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1), nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
+class Block(nn.Module):
+    """A wide residual block.
+
+    post: relu(shortcut(x) + [conv-bn-relu-drop-conv-bn-drop-SE](x)), shortcut conv1x1-bn
+          (the seed's WRN: dropout after each conv).
+    pre:  a = relu(bn(x)); shortcut(a or x) + [conv-bn-relu-drop-conv-SE](a), shortcut conv1x1
+          (the seed's SE-WRN: dropout between the convs).
+    The residual branch is dropped with probability `drop_path` in training: per image and
+    rescaled by 1/keep ("sample"), or for the whole batch by returning x unchanged ("batch",
+    the seed's block skip, only used on blocks whose input and output shapes agree).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, cfg: WRNConfig, drop_path: float):
+        super().__init__()
+        self.pre = cfg.block == "pre"
+        self.drop_path, self.per_batch = drop_path, cfg.drop_path_mode == "batch"
+        after_first = [nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
+        second = [_conv3x3(cout, cout)]
+        if not self.pre:
+            second += [nn.BatchNorm2d(cout), nn.Dropout(cfg.dropout)]
+        if cfg.se_reduction:
+            second.append(SqueezeExcite(cout, cfg.se_reduction))
+        self.branch = nn.Sequential(_conv3x3(cin, cout, stride), *after_first, *second)
+        self.pre_act = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if self.pre else None
+        self.shortcut: nn.Module | None = None
+        if cin != cout or stride != 1:
+            projection = [nn.Conv2d(cin, cout, 1, stride=stride, bias=False)]
+            self.shortcut = nn.Sequential(*projection, *([] if self.pre else [nn.BatchNorm2d(cout)]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A host-side coin from the seeded CPU generator: skipping costs no device sync.
+        if self.training and self.per_batch and self.drop_path and float(torch.rand(())) < self.drop_path:
+            return x
+        a = self.pre_act(x) if self.pre_act is not None else x
+        # Pre-activation projections see the activated input (as in the WRN paper's code).
+        skip = x if self.shortcut is None else self.shortcut(a)
+        out = self.branch(a)
+        if self.training and not self.per_batch and self.drop_path:
+            keep = 1.0 - self.drop_path
+            out = out * out.new_empty(out.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
+        out = skip + out
+        return out if self.pre else torch.relu(out)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen (depth = 6n + 4): a 3x3 stem of 16 channels, three stages of n blocks
+    with 16k, 32k and 64k channels (strides 1, 2, 2: 28 -> 14 -> 7), global pool and fc.
+
+    Parameter counts on 1x28x28 input with 10 classes:
+      WRN-28-2 (post)              1,467,770  (the seed's ~1.47M)
+      WRN-40-4 (post)              8,949,818  (the seed's ~8.95M)
+      SE-WRN-40-4 (pre, SE r=16)   9,016,290  (the seed's ~9.02M)
+    The SE gates (two 1x1 convs with biases per block) add 67,368 to WRN-40-4. Pre- and
+    post-activation differ only in batch-norm placement (pre: 8,948,922 without SE): post
+    norms each conv's output and the projection shortcuts, pre norms each block's input and
+    the head; the gap is under 0.01%. With one input channel the stem has 144 weights, not
+    the 432 of the 3-channel CIFAR models the WRN paper counts.
+    Drop-path: "sample" drops block i of N (counted over all stages) with probability
+    drop_path * i / (N - 1), so the deepest block gets drop_path; "batch" skips blocks 2..n
+    of every stage with probability drop_path, the first (shape-changing) block never.
+    """
+
+    def __init__(self, cfg: WRNConfig, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        n = (cfg.depth - 4) // 6
+        widths = [16, 16 * cfg.widen, 32 * cfg.widen, 64 * cfg.widen]
+        post = cfg.block == "post"
+        stem: list[nn.Module] = [_conv3x3(in_channels, widths[0])]
+        if post:
+            stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        blocks, total = [], 3 * n
+        for stage in range(3):
+            for j in range(n):
+                index = stage * n + j
+                if cfg.drop_path_mode == "sample":
+                    rate = cfg.drop_path * index / max(1, total - 1)
+                else:
+                    rate = cfg.drop_path if j > 0 else 0.0
+                cin = widths[stage] if j == 0 else widths[stage + 1]
+                stride = 2 if stage > 0 and j == 0 else 1
+                blocks.append(Block(cin, widths[stage + 1], stride, cfg, rate))
+        head: list[nn.Module] = [] if post else [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*stem, *blocks, *head, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.bias is None:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))

@@ -1,0 +1,50 @@
+"""Stage train_<model>: train one deep model for one seed.
+
+    python stages/train.py cnn --seed 0      # model: cnn | resnet7 | mlp | wrn | se_wrn
+
+Writes models/<model>/seed<N>/model.pt (resuming from checkpoint.pt beside it),
+metrics/train/<model>-seed<N>.json and DVCLive curves under plots/train/<model>-seed<N>/.
+"""
+
+from pathlib import Path
+
+import typer
+
+from fashionbench.cli import user_errors
+from fashionbench.data import load_prepared
+from fashionbench.params import PARAMS_FILE, load_params
+from fashionbench.train import train_and_save
+
+# train_one_epoch/evaluate keys -> DVCLive metric names (plots/metrics/<name>.tsv)
+CURVES = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss",
+          "val_acc": "val/acc", "lr": "lr", "images_per_s": "images_per_s"}
+
+
+def main(model: str = typer.Argument(..., help="cnn | resnet7 | mlp | wrn | se_wrn"),
+         seed: int = typer.Option(0, help="training seed (weights, data order, augmentation)"),
+         params: Path = PARAMS_FILE, prepared: Path = Path("data/prepared"),
+         models: Path = Path("models"), metrics: Path = Path("metrics/train"),
+         plots: Path = Path("plots/train"), progress: bool = True) -> None:
+    """Train <model> from params.yaml and write its weights, metrics and curves."""
+    from dvclive import Live
+
+    run_id = f"{model}-seed{seed}"
+    with user_errors():
+        config = load_params(params)
+        config.recipe(model)  # an unknown model fails before anything is written
+        data = load_prepared(prepared)
+        with Live(str(plots / run_id), dvcyaml=False, save_dvc_exp=False) as live:
+            def log_epoch(epoch_metrics: dict) -> None:
+                for key, name in CURVES.items():
+                    if key in epoch_metrics:
+                        live.log_metric(name, epoch_metrics[key], plot=True)
+                live.next_step()
+
+            summary = train_and_save(model, config, data, seed, models / model / f"seed{seed}",
+                                     metrics / f"{run_id}.json", on_epoch=log_epoch, progress=progress)
+    shown = {k: summary[k] for k in ("train_acc", "val_acc", "wall_time_s", "train_images_per_s") if k in summary}
+    typer.echo(f"{run_id}: {shown}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
