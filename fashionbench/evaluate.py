@@ -1,0 +1,322 @@
+"""Test-set evaluation: predictions -> metrics, flip TTA, mistakes gallery and Grad-CAM.
+
+One run id names one trained model: "<model>-seed<N>" for the deep models and
+"svm-<variant>" for the SVMs. evaluate_run() writes everything the evaluate stage records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fashionbench.data import CLASS_NAMES, Split, load_prepared
+from fashionbench.errors import UserError
+from fashionbench.models import load_trained
+from fashionbench.params import DEEP_MODELS, Evaluate, Params
+
+NUM_CLASSES = len(CLASS_NAMES)
+SOFTMAX = "softmax"              # predictions/<id>.npz `kind`: model probabilities
+SVM_SOFTMAX = "svm-score-softmax"  # softmax of SVM decision scores: not calibrated
+
+
+class EvaluateError(UserError):
+    """A trained model is missing or does not fit the test set; the message names the fix."""
+
+
+# ---------------------------------------------------------------- run ids
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model to evaluate, and where its files live under the repository root."""
+
+    id: str
+    model: str            # params section (cnn, resnet7, mlp, wrn, se_wrn) or "svm"
+    seed: int | None = None
+    variant: str | None = None
+
+    @property
+    def is_svm(self) -> bool:
+        return self.model == "svm"
+
+    @property
+    def artifact(self) -> Path:
+        if self.is_svm:
+            return Path("models/svm") / str(self.variant) / "test_scores.npz"
+        return Path("models") / self.model / f"seed{self.seed}" / "model.pt"
+
+
+def parse_run_id(run_id: str, params: Params) -> Run:
+    """Run for "cnn-seed0" or "svm-rbf"; a UserError lists the valid ids otherwise."""
+    if run_id.startswith("svm-") and run_id[4:] in params.svm:
+        return Run(run_id, "svm", variant=run_id[4:])
+    model, sep, seed = run_id.rpartition("-seed")
+    if sep and model in DEEP_MODELS and seed.isdigit() and int(seed) in params.seeds:
+        return Run(run_id, model, seed=int(seed))
+    valid = [f"{m}-seed{s}" for m in DEEP_MODELS for s in params.seeds]
+    valid += [f"svm-{v}" for v in params.svm]
+    raise EvaluateError(f"unknown run id {run_id!r}; valid ids (from params.yaml): {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large scores."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted.astype(np.float64))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def classification_metrics(labels: np.ndarray, pred: np.ndarray,
+                           probs: np.ndarray | None = None) -> dict:
+    """Accuracy, macro F1, per-class precision/recall/F1 by class name, log loss if `probs`."""
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    classes = list(range(NUM_CLASSES))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, pred, labels=classes, zero_division=0)
+    metrics = {
+        "accuracy": float(np.mean(labels == pred)),
+        "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro", zero_division=0)),
+    }
+    if probs is not None:
+        # Clipped so that one confident miss (a float32 probability of 0) stays finite.
+        true_class = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+        metrics["log_loss"] = float(-np.mean(np.log(true_class)))
+    metrics["per_class"] = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f)}
+        for name, p, r, f in zip(CLASS_NAMES, precision, recall, f1)
+    }
+    return metrics
+
+
+# ---------------------------------------------------------------- inference
+
+
+def normalise(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """uint8 (N,28,28) -> float (N,1,28,28) on `device`, as the models were trained."""
+    x = torch.as_tensor(images, device=device).float().unsqueeze(1)
+    return (x / 255.0 - mean) / std
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
+                  batch_size: int, tta: bool, device: torch.device) -> np.ndarray:
+    """Softmax probabilities (N,10) float32; with `tta`, the mean over image and its flip."""
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start:start + batch_size], mean, std, device)
+        probs = model(x).float().softmax(dim=1)
+        if tta:
+            probs = (probs + model(x.flip(dims=[-1])).float().softmax(dim=1)) / 2
+        out.append(probs.cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def evaluation_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(run: Run, root: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The trained model of a deep run; the registry checks its input shape and class count."""
+    try:
+        return load_trained(root / run.artifact, device)
+    except UserError as err:  # the registry names the file and the stage; add the run
+        raise EvaluateError(f"{run.id}: {err}") from err
+
+
+def load_svm_scores(run: Run, root: Path, test: Split) -> np.ndarray:
+    """Decision scores (N,10) of an SVM run, checked against the test set."""
+    path = root / run.artifact
+    rerun = f"re-run `dvc repro train_svm@{run.variant}`"
+    if not path.is_file():
+        raise EvaluateError(f"{run.id}: test scores {run.artifact} are missing: {rerun}")
+    with np.load(path) as saved:
+        scores, labels = saved["scores"], saved["labels"]
+    if scores.shape != (len(test), NUM_CLASSES):
+        raise EvaluateError(f"{run.id}: {run.artifact} holds scores of shape {scores.shape}, "
+                            f"expected {(len(test), NUM_CLASSES)}: {rerun}")
+    if not np.array_equal(labels, test.labels):
+        raise EvaluateError(f"{run.id}: {run.artifact} was scored on another test set: {rerun}")
+    return scores.astype(np.float32)
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module | None:
+    """The module whose output maps Grad-CAM weighs, or None for a model without convs.
+
+    Every conv model of the registry is `features` (a Sequential of conv stages, then global
+    pooling) and a classifier: the maps are the output of the last stage before the pooling
+    (the last conv block). The last nn.Conv2d in module order would be wrong: squeeze-
+    excitation gates and projection shortcuts register 1x1 convs after the main path.
+    """
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        return None
+    if not any(isinstance(m, nn.Conv2d) for m in features.modules()):
+        return None
+    stages = list(features)
+    pooled = [i for i, m in enumerate(stages) if isinstance(m, (nn.AdaptiveAvgPool2d, nn.Flatten))]
+    return stages[pooled[0] - 1] if pooled else stages[-1]
+
+
+def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Grad-CAM maps (B,H,W) in [0, 1] of class `target` for input `x`, resized to x's size."""
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        saved["act"] = output.detach()
+        output.register_hook(lambda grad: saved.__setitem__("grad", grad.detach()))
+        return output.clone()  # later in-place ops (ReLU(inplace)) must not touch the saved tensor
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        model.eval().zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logits = model(x)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    weights = saved["grad"].mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * saved["act"]).sum(dim=1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    cam = cam[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)
+    return (cam / peak[:, None, None]).cpu().numpy()
+
+
+def one_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+    """Fixed test indices: the first image of each class in turn, then the second, ..."""
+    by_class = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
+    picks = [by_class[i % NUM_CLASSES][i // NUM_CLASSES] for i in range(count)
+             if i // NUM_CLASSES < len(by_class[i % NUM_CLASSES])]
+    return np.array(picks, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _figure_grid(count: int, cols: int, rows_per_item: int = 1, row_height: float = 1.9):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-count // cols) * rows_per_item
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, row_height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def mistakes_gallery(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, count: int,
+                     path: Path, prob_label: str = "p") -> None:
+    """PNG of the `count` most confident mistakes: image, true class, predicted class and prob."""
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:count]
+    fig, axes = _figure_grid(max(len(wrong), 1), cols=6, row_height=2.3)
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {CLASS_NAMES[labels[i]]}\npred {CLASS_NAMES[pred[i]]}\n"
+                     f"{prob_label} {probs[i, pred[i]]:.2f}", fontsize=7)
+    fig.suptitle(f"{len(wrong)} most confident mistakes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred: np.ndarray,
+                 path: Path) -> None:
+    """PNG: each image above its Grad-CAM overlay for the predicted class."""
+    cols = min(len(images), NUM_CLASSES)
+    fig, axes = _figure_grid(len(images), cols, rows_per_item=2)
+    for k, (image, cam) in enumerate(zip(images, cams)):
+        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
+        top.imshow(image, cmap="gray", vmin=0, vmax=255)
+        top.set_title(f"true {CLASS_NAMES[labels[k]]}\npred {CLASS_NAMES[pred[k]]}", fontsize=7)
+        bottom.imshow(image, cmap="gray", vmin=0, vmax=255)
+        bottom.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    fig.suptitle("Grad-CAM of the predicted class (last conv stage)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path) -> None:
+    """actual,predicted per test image as class names: the input of DVC's confusion template."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((CLASS_NAMES[a], CLASS_NAMES[p]) for a, p in zip(labels, pred))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
+    """Evaluate one run on the test set and write its metrics, plots and predictions."""
+    run = parse_run_id(run_id, params)
+    cfg = params.evaluate
+    test = load_prepared(root / "data/prepared").test
+    plots = root / "plots/eval" / run.id
+    if run.is_svm:
+        probs, info = softmax(load_svm_scores(run, root, test)), {"variant": run.variant}
+    else:
+        probs, info = _deep_predictions(run, root, test, cfg, plots)
+    kind = SVM_SOFTMAX if run.is_svm else SOFTMAX
+    pred = probs.argmax(axis=1)
+    # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
+    metrics = classification_metrics(test.labels, pred, None if run.is_svm else probs)
+    result = {"id": run.id, "model": run.model} | info | {"test_images": len(test)} | metrics
+    plots.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(test.labels, pred, plots / "predictions.csv")
+    mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png",
+                     prob_label="score softmax" if run.is_svm else "p")
+    _write_json(root / "metrics/eval" / f"{run.id}.json", result)
+    predictions = root / "predictions" / f"{run.id}.npz"
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(predictions, probs=probs, labels=test.labels, kind=np.array(kind))
+    return result
+
+
+def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
+                      plots: Path) -> tuple[np.ndarray, dict]:
+    """Test probabilities of a deep run and its inference speed; draws its Grad-CAM grid."""
+    device = evaluation_device()
+    model, meta = load_model(run, root, device)
+    start = time.perf_counter()
+    probs = predict_proba(model, test.images, meta["mean"], meta["std"], cfg.batch_size, cfg.tta, device)
+    seconds = time.perf_counter() - start
+    layer = gradcam_layer(model)
+    if layer is not None:
+        idx = one_per_class(test.labels, cfg.gradcam_images)
+        pred = probs[idx].argmax(axis=1)
+        x = normalise(test.images[idx], meta["mean"], meta["std"], device)
+        cams = gradcam(model, layer, x, torch.as_tensor(pred, device=device))
+        plots.mkdir(parents=True, exist_ok=True)
+        gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png")
+    info = {"seed": run.seed, "tta": cfg.tta, "device": device.type,
+            "images_per_s": round(len(test) / seconds, 1)}
+    return probs, info
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
