@@ -76,12 +76,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix work runs natively: CUDA, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere bf16 is emulated on the CPU and slower than fp32, so precision auto keeps fp32.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def make_runtime(recipe: TrainRecipe) -> Runtime:
-    """bf16 autocast (precision auto) and channels_last are used on CUDA only."""
+    """precision auto = bf16 autocast where bf16 is native, else fp32; channels_last on CUDA
+    and CPU (oneDNN's convolutions are fastest in NHWC), not on MPS."""
     device = resolve_device(recipe.device)
-    on_cuda = device.type == "cuda"
-    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and on_cuda)
-    return Runtime(device, torch.bfloat16 if bf16 else None, recipe.channels_last and on_cuda)
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and native_bf16(device))
+    nhwc = recipe.channels_last and device.type in ("cuda", "cpu")
+    return Runtime(device, torch.bfloat16 if bf16 else None, nhwc)
 
 
 def to_device(split: Split, device: torch.device) -> tuple[Tensor, Tensor]:
