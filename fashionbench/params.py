@@ -100,9 +100,13 @@ class Preprocess:
 # ---------------------------------------------------------------- SVM
 
 
+SVM_FEATURES = ("raw", "hog", "pca")
+IMAGE_SIDE = 28
+
+
 @dataclass(frozen=True)
 class SVM:
-    features: Literal["raw", "hog", "pca"]
+    features: str               # raw | hog | pca, or several joined with "+" (e.g. pca+hog)
     scale: bool
     kernel: Literal["rbf", "poly", "linear", "rbf+poly"]
     C: float
@@ -113,27 +117,38 @@ class SVM:
     pca_components: int
     solver: Literal["libsvm", "nystroem"]
     nystroem_components: int
+    cg_iterations: int
     train_size: int
     cv_folds: int
     cv_C: tuple[float, ...]
     cv_gamma: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        names = self.features.split("+")
+        for name in names:
+            _require(name in SVM_FEATURES, "features",
+                     f"unknown feature {name!r}; choose from {', '.join(SVM_FEATURES)}, "
+                     "or join several with + (e.g. pca+hog)" + _did_you_mean(name, SVM_FEATURES))
+        _require(len(set(names)) == len(names), "features", f"{self.features!r} repeats a feature")
         _require(self.C > 0, "C", "must be > 0")
         _require(self.gamma >= 0, "gamma", "must be >= 0 (0 = 1/(n_features * variance))")
         _require(self.degree >= 1, "degree", "must be >= 1")
-        _require(all(0 < c <= 14 for c in self.hog_cells) and self.hog_cells, "hog_cells",
-                 "list pixel sizes between 1 and 14")
+        _require(all(0 < c <= IMAGE_SIDE // 2 for c in self.hog_cells) and self.hog_cells, "hog_cells",
+                 f"list pixel sizes between 1 and {IMAGE_SIDE // 2}")
         _require(self.hog_block >= 1, "hog_block", "must be >= 1")
-        _require(0 <= self.pca_components <= 784, "pca_components",
-                 f"{self.pca_components} is impossible: images have 784 pixels")
-        _require(self.features != "pca" or self.pca_components > 0, "pca_components",
-                 "must be > 0 with features: pca")
+        _require(all((IMAGE_SIDE // c) >= self.hog_block for c in self.hog_cells), "hog_block",
+                 f"{self.hog_block} cells per block side do not fit a {IMAGE_SIDE}-px image with "
+                 f"{max(self.hog_cells)}-px cells")
+        _require(0 <= self.pca_components <= IMAGE_SIDE ** 2, "pca_components",
+                 f"{self.pca_components} is impossible: images have {IMAGE_SIDE ** 2} pixels")
+        _require("pca" not in names or self.pca_components > 0, "pca_components",
+                 "must be > 0 with the pca feature")
         _require(self.solver != "nystroem" or self.nystroem_components > 0, "nystroem_components",
                  "must be > 0 with solver: nystroem")
-        _require(self.solver != "nystroem" or self.kernel != "rbf+poly", "solver",
-                 "nystroem approximates a single kernel; use libsvm for rbf+poly")
+        _require(self.cg_iterations >= 1, "cg_iterations", "must be >= 1")
         _require(self.train_size >= 0, "train_size", "must be >= 0 (0 = all)")
+        _require(self.train_size == 0 or self.train_size >= 2 * CLASSES, "train_size",
+                 f"must be 0 (all) or at least {2 * CLASSES} (two images per class)")
         _require(self.cv_folds == 0 or self.cv_folds >= 2, "cv_folds", "must be 0 (off) or >= 2")
         _require(all(c > 0 for c in self.cv_C) and self.cv_C, "cv_C", "list values > 0")
         _require(all(g > 0 for g in self.cv_gamma) and self.cv_gamma, "cv_gamma", "list values > 0")

@@ -144,9 +144,10 @@ def recipe_summary(params: Params, run: RunResult) -> str:
         words = "mean probabilities of " + ", ".join(run.members)
     elif row.startswith("svm-"):
         svm = params.svm[row[4:]]
-        features = {"raw": "pixels /255", "pca": f"PCA {svm.pca_components}",
-                    "hog": f"HOG {'+'.join(map(str, svm.hog_cells))} px cells, "
-                           f"{svm.hog_block}x{svm.hog_block} blocks"}[svm.features]
+        names = {"raw": "pixels /255", "pca": f"PCA {svm.pca_components}",
+                 "hog": f"HOG {'+'.join(map(str, svm.hog_cells))} px cells, "
+                        f"{svm.hog_block}x{svm.hog_block} blocks"}
+        features = " + ".join(names[name] for name in svm.features.split("+"))
         gamma = f"{svm.gamma:g}" if svm.gamma else "scale"
         words = (f"{features}{', standardised' if svm.scale else ''}; {svm.kernel} "
                  f"C={svm.C:g} gamma={gamma}")
