@@ -1,6 +1,6 @@
 """Stage train_<model>: train one deep model for one seed.
 
-    python stages/train.py cnn --seed 0      # model: cnn | resnet7 | mlp | wrn | se_wrn
+    python -m stages.train cnn --seed 0      # model: cnn | resnet7 | mlp | wrn | se_wrn
 
 Writes models/<model>/seed<N>/model.pt (resuming from checkpoint.pt beside it),
 metrics/train/<model>-seed<N>.json and DVCLive curves under plots/train/<model>-seed<N>/.
