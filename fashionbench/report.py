@@ -293,7 +293,7 @@ def _pyplot():
     return plt
 
 
-def _scatter(table: dict, key: str, xlabel: str, path: Path) -> None:
+def _scatter(table: dict, key: str, xlabel: str, title: str, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row, e in table.items():
@@ -301,7 +301,7 @@ def _scatter(table: dict, key: str, xlabel: str, path: Path) -> None:
             continue
         ax.errorbar(e[key], e["accuracy"], yerr=e["accuracy_std"] or None, fmt="o", capsize=3)
         ax.annotate(row, (e[key], e["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -343,7 +343,7 @@ def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
             if tsv.is_file():
                 steps, values = read_curve(tsv)
                 ax.plot(steps, values, marker="o" if len(steps) < 3 else None, label=run_id)
-        ax.set(title=curve, xlabel="epoch")
+        ax.set(title=curve, xlabel="epoch", ylabel=curve.rsplit("/", 1)[-1])
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
@@ -356,8 +356,10 @@ def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
 def write_figures(root: Path, table: dict, runs: list[RunResult], out: Path) -> None:
     """The four comparison figures as PNGs under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    _scatter(table, "parameters", "parameters (log)", out / "accuracy_vs_parameters.png")
-    _scatter(table, "train_s", "train time, s (log)", out / "accuracy_vs_train_time.png")
+    _scatter(table, "parameters", "parameters (log)", "test accuracy against model size",
+             out / "accuracy_vs_parameters.png")
+    _scatter(table, "train_s", "train time, s (log)", "test accuracy against training time",
+             out / "accuracy_vs_train_time.png")
     _class_heatmap(table, out / "class_accuracy.png")
     deep = [r.id for r in runs if r.row in DEEP_MODELS]
     _learning_curves(root, deep, out / "learning_curves.png")
