@@ -339,7 +339,7 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     final = ema.model if ema is not None else model
     total = recipe.epochs * steps * min(recipe.batch_size, len(train))
     with tqdm(total=total, initial=len(history) * total // recipe.epochs, unit="img", unit_scale=True,
-              desc=model_name, disable=not progress) as bar:
+              desc=model_name, disable=None if progress else True) as bar:  # None: off when not a TTY
         for epoch in range(len(history) + 1, recipe.epochs + 1):
             start = time.perf_counter()
             metrics = {"epoch": epoch, **train_one_epoch(
