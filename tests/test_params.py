@@ -105,3 +105,22 @@ def _app(main):
     app = typer.Typer()
     app.command()(main)
     return app
+
+
+def test_dvc_repro_stops_at_check_params_before_any_stage_runs(tmp_path):
+    """Under DVC a bad key stops the pipeline before any stage deletes its outputs."""
+    import subprocess
+
+    import yaml
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    raw = yaml.safe_load((clone / "params.yaml").read_text())
+    raw["model"]["depth"] = 41
+    (clone / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = subprocess.run(["dvc", "repro"], cwd=clone, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "model.depth: 41 is impossible" in output
+    assert "Running stage 'check_params'" in output
+    assert "Running stage 'download'" not in output
