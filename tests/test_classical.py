@@ -292,7 +292,8 @@ def test_fast_recipe_on_real_images():
 
 def dvc_repo_with_the_train_svm_stage(root) -> None:
     """A git+DVC repository holding this checkout's code, params.yaml with one SVM recipe,
-    the real train_svm stage of dvc.yaml and a tiny synthetic data/prepared committed to git."""
+    the real check_params and train_svm stages of dvc.yaml and a tiny synthetic data/prepared
+    committed to git."""
     import shutil
     import subprocess
 
@@ -303,8 +304,9 @@ def dvc_repo_with_the_train_svm_stage(root) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["svm"] = {"rbf": raw["svm"]["rbf"]}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_svm"]
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train_svm": stage}}, sort_keys=False))
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    wanted = {name: stages[name] for name in ("check_params", "train_svm")}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": wanted}, sort_keys=False))
     save_prepared(Prepared(synthetic(10), None, synthetic(3, seed=1), 0.3, 0.35), root / "data/prepared")
     (root / ".gitignore").write_text("/models/\n")
     for command in ("git init -q", "git config user.email ci@example.com", "git config user.name ci",
