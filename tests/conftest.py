@@ -10,11 +10,20 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import typer
 import yaml
+from typer.testing import CliRunner, Result
 
 from fashionbench import data
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def invoke(main: Callable, args=()) -> Result:
+    """Run a stage's Typer `main` as its command line would, through CliRunner."""
+    app = typer.Typer()
+    app.command()(main)
+    return CliRunner().invoke(app, [str(a) for a in args])
 REAL_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 

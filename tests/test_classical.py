@@ -8,16 +8,14 @@ import joblib
 import numpy as np
 import pytest
 import torch
-import typer
 from sklearn.metrics.pairwise import polynomial_kernel, rbf_kernel
 from skimage.feature import hog
-from typer.testing import CliRunner
 
 from fashionbench import classical as cl
 from fashionbench.data import Prepared, Split, load_prepared, save_prepared
 from fashionbench.params import SVM, ParamsError, params_from_dict
 from stages.train_svm import main as train_svm_main
-from tests.conftest import REPO
+from tests.conftest import REPO, invoke
 
 BASE = SVM(features="raw", scale=False, kernel="rbf", C=10.0, gamma=0.0, degree=3, hog_cells=(4,),
            hog_block=2, pca_components=0, solver="libsvm", nystroem_components=0, cg_iterations=20,
@@ -212,9 +210,7 @@ def test_hybrid_libsvm_refuses_a_gram_matrix_too_big(train, test, monkeypatch):
 
 
 def run_stage(args):
-    app = typer.Typer()
-    app.command()(train_svm_main)
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(train_svm_main, args)
 
 
 @pytest.fixture

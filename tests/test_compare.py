@@ -4,22 +4,17 @@ import json
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from fashionbench import gate, report
 from fashionbench.evaluate import classification_metrics
 from fashionbench.params import load_params
 from stages.compare import main as compare_main
-from tests.conftest import REPO
+from tests.conftest import REPO, invoke
 
 LABELS = np.repeat(np.arange(10), 10)
 
 
-def invoke(main, args=()):
-    app = typer.Typer()
-    app.command()(main)
-    return CliRunner().invoke(app, [str(a) for a in args])
+
 
 
 def probs_with_errors(wrong: int, seed: int) -> np.ndarray:

@@ -5,20 +5,15 @@ import json
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from fashionbench import data
 from fashionbench.data import DataError, parse_idx
-from tests.conftest import idx_bytes
+from tests.conftest import idx_bytes, invoke
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
 
 
-def run_stage(main, args):
-    app = typer.Typer()
-    app.command()(main)
-    return CliRunner().invoke(app, [str(a) for a in args])
+run_stage = invoke
 
 
 def previous_raw(tmp_path):

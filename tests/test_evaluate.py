@@ -7,9 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from torch import nn
-from typer.testing import CliRunner
 
 from fashionbench import evaluate as ev
 from fashionbench.data import CLASS_NAMES, Prepared, Split, save_prepared
@@ -18,13 +16,11 @@ from fashionbench.models.resnet7 import ResidualBlock
 from fashionbench.models.wrn import Block, WRNConfig
 from fashionbench.params import CNNArch, MLPArch, ResNet7Arch, load_params
 from stages.evaluate import main as evaluate_main
-from tests.conftest import REPO
+from tests.conftest import REPO, invoke
 
 
 def run_stage(args):
-    app = typer.Typer()
-    app.command()(evaluate_main)
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(evaluate_main, args)
 
 
 @pytest.fixture

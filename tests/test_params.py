@@ -1,10 +1,9 @@
 """params.yaml loading: the repository's file is valid, and every kind of mistake names its key."""
 
 import pytest
-from typer.testing import CliRunner
 
 from fashionbench.params import ParamsError, load_params, params_from_dict
-from tests.conftest import REPO
+from tests.conftest import REPO, invoke
 
 
 def test_repository_params_load():
@@ -93,18 +92,11 @@ def test_stage_stops_before_any_work_on_a_params_error(tmp_path, write_params):
     out = tmp_path / "prepared"
     out.mkdir()
     (out / "arrays.npz").write_bytes(b"previous output")
-    result = CliRunner().invoke(_app(main), ["--params", str(params), "--out", str(out)])
+    result = invoke(main, ["--params", params, "--out", out])
     assert result.exit_code == 2
     assert "preprocess.validation_size" in result.output
     assert (out / "arrays.npz").read_bytes() == b"previous output"
 
-
-def _app(main):
-    import typer
-
-    app = typer.Typer()
-    app.command()(main)
-    return app
 
 
 def test_dvc_repro_stops_at_check_params_before_any_stage_runs(tmp_path):

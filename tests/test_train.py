@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
 
 from fashionbench.data import Prepared, Split, save_prepared
 from fashionbench.models import load_trained, model_arch
 from fashionbench.params import params_from_dict
 from fashionbench.train import DivergedError, fit
 from stages.train import main as train_main
+from tests.conftest import invoke
 
 
 def synthetic(n: int, seed: int = 0) -> Split:
@@ -87,9 +86,7 @@ def test_non_finite_loss_stops_with_advice(params_dict):
 
 
 def run_stage(args):
-    app = typer.Typer()
-    app.command()(train_main)
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(train_main, args)
 
 
 @pytest.fixture
