@@ -19,28 +19,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import typer
+
+from fashionbench.data import Split, load_raw
+from fashionbench.models import build_model, model_arch
+from fashionbench.params import load_params
+from fashionbench.train import (Runtime, make_optimizer, make_runtime, make_scheduler,
+                                resolve_device, steps_per_epoch, to_device, train_one_epoch)
 
 MODELS = ("cnn", "wrn-16-4")
 
 
 def _setup(spec: dict):
-    """Model, recipe, runtime and device-resident data for one row."""
-    import torch
-
-    from fashionbench.data import load_raw
-    from fashionbench.models import build_model, model_arch
-    from fashionbench.models.wrn import WRNConfig
-    from fashionbench.params import load_params
-    from fashionbench.train import Runtime, make_runtime, resolve_device, to_device
-
+    """Model, recipe, runtime and the training images for one row."""
     params = load_params(Path(spec["params"]))
     section = "cnn" if spec["model"] == "cnn" else "wrn"
     recipe = dataclasses.replace(params.recipe(section), batch_size=spec["batch"])
     arch = model_arch(params, section)
     if section == "wrn":
         depth, widen = (int(v) for v in spec["model"].split("-")[1:])
-        arch = dataclasses.replace(arch, depth=depth, widen=widen) if isinstance(arch, WRNConfig) else arch
+        arch = dataclasses.replace(arch, depth=depth, widen=widen)
     torch.manual_seed(0)
     model = build_model(recipe.model, arch)
     if spec.get("precision") == "default":
@@ -53,10 +52,10 @@ def _setup(spec: dict):
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train, _ = load_raw(Path("data/raw"))
-    return torch, model, recipe, runtime, train, to_device
+    return model, recipe, runtime, train
 
 
-def _train_flops_per_image(torch, model, runtime) -> float:
+def _train_flops_per_image(model, runtime: Runtime) -> float:
     """Forward+backward FLOPs of one image, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,9 +68,9 @@ def _train_flops_per_image(torch, model, runtime) -> float:
 
 def run_row(spec: dict) -> dict:
     """Time one row in this process; returns images/s, FLOP rate and peak memory."""
-    torch, model, recipe, runtime, train, to_device = _setup(spec)
+    model, recipe, runtime, train = _setup(spec)
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    flops = _train_flops_per_image(torch, model, runtime)
+    flops = _train_flops_per_image(model, runtime)
     n = spec["images"] * (8 if spec["model"] == "cnn" else 1)  # the CNN is ~70x cheaper
     if spec["loop"] == "reference":
         from bench.reference import reference_images_per_s
@@ -82,8 +81,7 @@ def run_row(spec: dict) -> dict:
                                      spec["batch"], steps=n // spec["batch"],
                                      augment=spec["model"] != "cnn")
     else:
-        ips = _engine_images_per_s(torch, model, recipe, runtime, train, to_device, n,
-                                   spec.get("compile"))
+        ips = _engine_images_per_s(model, recipe, runtime, train, n, spec.get("compile"))
     peak_device = torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else 0.0
     return {"images_per_s": ips, "gflop_per_s": ips * flops / 1e9,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -91,11 +89,8 @@ def run_row(spec: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _engine_images_per_s(torch, model, recipe, runtime, train, to_device, n: int,
+def _engine_images_per_s(model, recipe, runtime: Runtime, train: Split, n: int,
                          compile_mode: str | None) -> float:
-    from fashionbench.data import Split
-    from fashionbench.train import make_optimizer, make_scheduler, steps_per_epoch, train_one_epoch
-
     images, labels = to_device(Split(train.images[:n], train.labels[:n]), runtime.device)
     # reduce-overhead captures the step's kernels once as CUDA graphs and replays them
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
