@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionbench.classical import describe
 from fashionbench.data import CLASS_NAMES
 from fashionbench.errors import UserError
 from fashionbench.evaluate import classification_metrics
@@ -143,16 +144,7 @@ def recipe_summary(params: Params, run: RunResult) -> str:
     if row == ENSEMBLE:
         words = "mean probabilities of " + ", ".join(run.members)
     elif row.startswith("svm-"):
-        svm = params.svm[row[4:]]
-        names = {"raw": "pixels /255", "pca": f"PCA {svm.pca_components}",
-                 "hog": f"HOG {'+'.join(map(str, svm.hog_cells))} px cells, "
-                        f"{svm.hog_block}x{svm.hog_block} blocks"}
-        features = " + ".join(names[name] for name in svm.features.split("+"))
-        gamma = f"{svm.gamma:g}" if svm.gamma else "scale"
-        words = (f"{features}{', standardised' if svm.scale else ''}; {svm.kernel} "
-                 f"C={svm.C:g} gamma={gamma}")
-        if svm.solver == "nystroem":
-            words += f", Nystroem {svm.nystroem_components}"
+        words = describe(params.svm[row[4:]])
     else:
         recipe = params.recipe(row)
         smoothing = f", LS {recipe.label_smoothing:g}" if recipe.label_smoothing else ""
