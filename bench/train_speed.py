@@ -23,7 +23,7 @@ import torch
 import typer
 
 from fashionbench.data import Split, load_raw
-from fashionbench.models import build_model, model_arch
+from fashionbench.models import build_model
 from fashionbench.params import load_params
 from fashionbench.train import (Runtime, make_optimizer, make_runtime, make_scheduler,
                                 resolve_device, steps_per_epoch, to_device, train_one_epoch)
@@ -36,7 +36,7 @@ def _setup(spec: dict):
     params = load_params(Path(spec["params"]))
     section = "cnn" if spec["model"] == "cnn" else "wrn"
     recipe = dataclasses.replace(params.recipe(section), batch_size=spec["batch"])
-    arch = model_arch(params, section)
+    arch = recipe.arch
     if section == "wrn":
         depth, widen = (int(v) for v in spec["model"].split("-")[1:])
         arch = dataclasses.replace(arch, depth=depth, widen=widen)

@@ -158,6 +158,12 @@ def _mix_targets(y: Tensor, partner: Tensor, lam: Tensor, num_classes: int) -> T
     return lam[:, None] * own + (1 - lam[:, None]) * other
 
 
+def normalise(x: Tensor, mean: float, std: float) -> Tensor:
+    """uint8 images -> float, standardised with the training split's pixel mean and std: the
+    one normalisation training, precise-BN and evaluation share."""
+    return (x.float() / 255.0 - mean) / std
+
+
 def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, std: float) -> Tensor:
     """uint8 (N,1,H,W) -> normalised float batch, in the seed's order: crop, jitter, hflip,
     translate, normalise, erase (then cutout). Steps switched off in `cfg` draw nothing."""

@@ -14,21 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fashionbench.dataset import CLASS_NAMES, FILES, IMAGE_SIDE  # noqa: F401 (CLASS_NAMES re-exported)
 from fashionbench.errors import UserError
-
-CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-
-# SHA-256 of each file's decompressed IDX content. Mirrors recompress the .gz files (the
-# Debian package's bytes differ from the official ones); the content never changes.
-FILES = {
-    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-}
+from fashionbench.io import atomic_path, write_json
+from fashionbench.params import Sizes
 
 HOW_TO_GET = (
     "To get the data: install Debian's package (apt-get install dataset-fashion-mnist), "
@@ -151,7 +140,7 @@ def _swap_in(staging: Path, dest: Path) -> None:
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, 28, 28) uint8
+    images: np.ndarray  # (N, IMAGE_SIDE, IMAGE_SIDE) uint8
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -197,42 +186,62 @@ PREPARED_ARRAYS = "arrays.npz"
 PREPARED_STATS = "norm.json"
 
 
-def prepare(train: Split, test: Split, validation_size: int, subset_size: int, seed: int) -> Prepared:
-    """Carve a stratified validation split from train, then an optional stratified subset."""
-    val_idx = stratified_take(train.labels, validation_size, seed)
+def prepare(train: Split, test: Split, sizes: Sizes) -> Prepared:
+    """Carve a stratified validation split from train, then optional stratified subsets of the
+    rest and of the test set (the quick run's sizes)."""
+    val_idx = stratified_take(train.labels, sizes.validation_size, sizes.seed)
     rest = np.setdiff1d(np.arange(len(train)), val_idx)
-    if subset_size:
-        rest = rest[stratified_take(train.labels[rest], subset_size, seed)]
+    if sizes.subset_size:
+        rest = rest[stratified_take(train.labels[rest], sizes.subset_size, sizes.seed)]
+    if sizes.test_size and sizes.test_size < len(test):
+        keep = stratified_take(test.labels, sizes.test_size, sizes.seed)
+        test = Split(test.images[keep], test.labels[keep])
     fit = Split(train.images[rest], train.labels[rest])
-    val = Split(train.images[val_idx], train.labels[val_idx]) if validation_size else None
+    val = Split(train.images[val_idx], train.labels[val_idx]) if sizes.validation_size else None
     pixels = fit.images.astype(np.float64) / 255.0
     return Prepared(fit, val, test, float(pixels.mean()), float(pixels.std()))
 
 
 def save_prepared(prepared: Prepared, out_dir: Path) -> None:
+    """Write the arrays and the normalisation stats, each atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"train_x": prepared.train.images, "train_y": prepared.train.labels.astype(np.uint8),
               "test_x": prepared.test.images, "test_y": prepared.test.labels.astype(np.uint8)}
     if prepared.val is not None:
         arrays |= {"val_x": prepared.val.images, "val_y": prepared.val.labels.astype(np.uint8)}
-    np.savez(out_dir / PREPARED_ARRAYS, **arrays)
-    stats = {"mean": prepared.mean, "std": prepared.std, "train": len(prepared.train),
-             "val": len(prepared.val) if prepared.val is not None else 0, "test": len(prepared.test)}
-    (out_dir / PREPARED_STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    with atomic_path(out_dir / PREPARED_ARRAYS) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    write_json(out_dir / PREPARED_STATS, {
+        "mean": prepared.mean, "std": prepared.std, "train": len(prepared.train),
+        "val": len(prepared.val) if prepared.val is not None else 0, "test": len(prepared.test)})
+
+
+REBUILD_PREPARED = "rebuild it with `dvc repro -f preprocess`"
 
 
 def load_prepared(prepared_dir: Path = Path("data/prepared")) -> Prepared:
-    """The one loader every training and evaluation stage uses."""
+    """The one loader every training and evaluation stage uses; a missing, truncated or
+    mismatched file is a DataError naming it."""
     prepared_dir = Path(prepared_dir)
     arrays_path, stats_path = prepared_dir / PREPARED_ARRAYS, prepared_dir / PREPARED_STATS
     if not arrays_path.is_file() or not stats_path.is_file():
         raise DataError(f"{prepared_dir} has no prepared data: run `dvc repro preprocess` first")
-    with np.load(arrays_path) as arrays:
-        def split(prefix: str) -> Split | None:
-            if f"{prefix}_x" not in arrays:
-                return None
-            return Split(arrays[f"{prefix}_x"], arrays[f"{prefix}_y"].astype(np.int64))
-        train, val, test = split("train"), split("val"), split("test")
-    stats = json.loads(stats_path.read_text())
-    return Prepared(train, val, test, stats["mean"], stats["std"])
+    try:
+        with np.load(arrays_path) as arrays:
+            splits = {prefix: Split(arrays[f"{prefix}_x"], arrays[f"{prefix}_y"].astype(np.int64))
+                      for prefix in ("train", "val", "test") if f"{prefix}_x" in arrays}
+    except Exception as err:  # zipfile, pickle, OS or key errors: all mean an unreadable file
+        raise DataError(f"{arrays_path} is unreadable ({type(err).__name__}: {err}): "
+                        f"{REBUILD_PREPARED}") from None
+    try:
+        stats = json.loads(stats_path.read_text())
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{stats_path} is unreadable ({type(err).__name__}: {err}): "
+                        f"{REBUILD_PREPARED}") from None
+    for name in ("train", "test"):
+        if name not in splits or splits[name].images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(f"{arrays_path} has no valid {name} split: {REBUILD_PREPARED}")
+    if stats.get("train") != len(splits["train"]) or not std > 0:
+        raise DataError(f"{stats_path} does not match {arrays_path}: {REBUILD_PREPARED}")
+    return Prepared(splits["train"], splits.get("val"), splits["test"], mean, std)

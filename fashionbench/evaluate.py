@@ -6,7 +6,6 @@ One run id names one trained model: "<model>-seed<N>" for the deep models and
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fashionbench.augment import normalise
 from fashionbench.data import CLASS_NAMES, Split, load_prepared
+from fashionbench.dataset import CLASSES as NUM_CLASSES
 from fashionbench.errors import UserError
+from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
-from fashionbench.params import DEEP_MODELS, Evaluate, Params
-
-NUM_CLASSES = len(CLASS_NAMES)
+from fashionbench.params import Evaluate, Params
 SOFTMAX = "softmax"              # predictions/<id>.npz `kind`: model probabilities
 SVM_SOFTMAX = "svm-score-softmax"  # softmax of SVM decision scores: not calibrated
 
@@ -37,7 +37,7 @@ class Run:
     """One trained model to evaluate, and where its files live under the repository root."""
 
     id: str
-    model: str            # params section (cnn, resnet7, mlp, wrn, se_wrn) or "svm"
+    model: str            # deep row (a params section: cnn, resnet7, ...) or "svm"
     seed: int | None = None
     variant: str | None = None
 
@@ -57,9 +57,9 @@ def parse_run_id(run_id: str, params: Params) -> Run:
     if run_id.startswith("svm-") and run_id[4:] in params.svm:
         return Run(run_id, "svm", variant=run_id[4:])
     model, sep, seed = run_id.rpartition("-seed")
-    if sep and model in DEEP_MODELS and seed.isdigit() and int(seed) in params.seeds:
+    if sep and model in params.recipes and seed.isdigit() and int(seed) in params.seeds:
         return Run(run_id, model, seed=int(seed))
-    valid = [f"{m}-seed{s}" for m in DEEP_MODELS for s in params.seeds]
+    valid = [f"{m}-seed{s}" for m in params.recipes for s in params.seeds]
     valid += [f"svm-{v}" for v in params.svm]
     raise EvaluateError(f"unknown run id {run_id!r}; valid ids (from params.yaml): {', '.join(valid)}")
 
@@ -76,12 +76,11 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 def classification_metrics(labels: np.ndarray, pred: np.ndarray,
                            probs: np.ndarray | None = None) -> dict:
-    """Accuracy, macro F1, per-class precision/recall/F1 by class name, log loss if `probs`."""
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
+    """Accuracy, macro F1, and log loss if `probs`. (Per-class scores are in the report,
+    computed from the predictions file, so that tracked metrics stay few.)"""
+    from sklearn.metrics import f1_score
 
     classes = list(range(NUM_CLASSES))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, pred, labels=classes, zero_division=0)
     metrics = {
         "accuracy": float(np.mean(labels == pred)),
         "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro", zero_division=0)),
@@ -90,39 +89,42 @@ def classification_metrics(labels: np.ndarray, pred: np.ndarray,
         # Clipped so that one confident miss (a float32 probability of 0) stays finite.
         true_class = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
         metrics["log_loss"] = float(-np.mean(np.log(true_class)))
-    metrics["per_class"] = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f)}
-        for name, p, r, f in zip(CLASS_NAMES, precision, recall, f1)
-    }
     return metrics
 
 
 # ---------------------------------------------------------------- inference
 
 
-def normalise(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """uint8 (N,28,28) -> float (N,1,28,28) on `device`, as the models were trained."""
-    x = torch.as_tensor(images, device=device).float().unsqueeze(1)
-    return (x / 255.0 - mean) / std
+def _inputs(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """uint8 (N,H,W) -> normalised float (N,1,H,W) on `device`, as the models were trained."""
+    return normalise(torch.as_tensor(images, device=device).unsqueeze(1), mean, std)
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
-                  batch_size: int, tta: bool, device: torch.device) -> np.ndarray:
-    """Softmax probabilities (N,10) float32; with `tta`, the mean over image and its flip."""
+                  batch_size: int, device: torch.device, views: tuple[str, ...] = ("plain",),
+                  batch_stats: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, classes) float32, averaged over `views` ("plain", "hflip").
+
+    `batch_stats` normalises batch-norm layers by each test batch's own statistics instead
+    of the running ones: a diagnostic of stale running statistics, never a headline number.
+    """
     model.eval().to(device)
+    if batch_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.track_running_stats, m.momentum = True, 0.0  # use batch stats, keep running ones
     out = []
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start:start + batch_size], mean, std, device)
-        probs = model(x).float().softmax(dim=1)
-        if tta:
-            probs = (probs + model(x.flip(dims=[-1])).float().softmax(dim=1)) / 2
-        out.append(probs.cpu())
+    try:
+        for start in range(0, len(images), batch_size):
+            x = _inputs(images[start:start + batch_size], mean, std, device)
+            probs = sum(model(x.flip(dims=[-1]) if view == "hflip" else x).float().softmax(dim=1)
+                        for view in views) / len(views)
+            out.append(probs.cpu())
+    finally:
+        model.eval()
     return torch.cat(out).numpy().astype(np.float32)
-
-
-def evaluation_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(run: Run, root: Path, device: torch.device) -> tuple[nn.Module, dict]:
@@ -139,8 +141,11 @@ def load_svm_scores(run: Run, root: Path, test: Split) -> np.ndarray:
     rerun = f"re-run `dvc repro train_svm@{run.variant}`"
     if not path.is_file():
         raise EvaluateError(f"{run.id}: test scores {run.artifact} are missing: {rerun}")
-    with np.load(path) as saved:
-        scores, labels = saved["scores"], saved["labels"]
+    try:
+        with np.load(path) as saved:
+            scores, labels = saved["scores"], saved["labels"]
+    except Exception as err:  # truncated or foreign file
+        raise EvaluateError(f"{run.id}: {run.artifact} is unreadable ({type(err).__name__}): {rerun}") from None
     if scores.shape != (len(test), NUM_CLASSES):
         raise EvaluateError(f"{run.id}: {run.artifact} holds scores of shape {scores.shape}, "
                             f"expected {(len(test), NUM_CLASSES)}: {rerun}")
@@ -232,10 +237,7 @@ def mistakes_gallery(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, 
                      f"{prob_label} {probs[i, pred[i]]:.2f}", fontsize=7)
     fig.suptitle(f"{len(wrong)} most confident mistakes", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred: np.ndarray,
@@ -251,17 +253,14 @@ def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred:
         bottom.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     fig.suptitle("Grad-CAM of the predicted class (last conv stage)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path) -> None:
     """actual,predicted per test image as class names: the input of DVC's confusion template."""
     import csv
 
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((CLASS_NAMES[a], CLASS_NAMES[p]) for a, p in zip(labels, pred))
@@ -271,7 +270,13 @@ def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path) -> Non
 
 
 def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
-    """Evaluate one run on the test set and write its metrics, plots and predictions."""
+    """Evaluate one run on the test set and write its metrics, plots and predictions.
+
+    Headline: plain single-view accuracy and macro F1. `tta_accuracy` (flip TTA) is separate,
+    and only for rows trained with horizontal flips: a model never shown a flip is not
+    invariant to one. Models with batch norm also report the batch-statistics accuracy, a
+    check that the running statistics match the final weights.
+    """
     run = parse_run_id(run_id, params)
     cfg = params.evaluate
     test = load_prepared(root / "data/prepared").test
@@ -284,39 +289,43 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     pred = probs.argmax(axis=1)
     # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
     metrics = classification_metrics(test.labels, pred, None if run.is_svm else probs)
-    result = {"id": run.id, "model": run.model} | info | {"test_images": len(test)} | metrics
-    plots.mkdir(parents=True, exist_ok=True)
-    write_confusion_csv(test.labels, pred, plots / "predictions.csv")
+    result = {"id": run.id} | metrics | info | {"test_images": len(test)}
+    write_confusion_csv(test.labels, pred, root / "plots/confusion" / f"{run.id}.csv")
     mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png",
                      prob_label="score softmax" if run.is_svm else "p")
-    _write_json(root / "metrics/eval" / f"{run.id}.json", result)
-    predictions = root / "predictions" / f"{run.id}.npz"
-    predictions.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(predictions, probs=probs, labels=test.labels, kind=np.array(kind))
+    write_json(root / "metrics/eval" / f"{run.id}.json", result)
+    with atomic_path(root / "predictions" / f"{run.id}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, probs=probs, labels=test.labels, kind=np.array(kind))
     return result
 
 
 def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
                       plots: Path) -> tuple[np.ndarray, dict]:
-    """Test probabilities of a deep run and its inference speed; draws its Grad-CAM grid."""
-    device = evaluation_device()
+    """Plain test probabilities of a deep run, its TTA and batch-statistics accuracies and
+    inference speed; draws its Grad-CAM grid."""
+    from fashionbench.train import resolve_device
+
+    device = resolve_device(cfg.device)
     model, meta = load_model(run, root, device)
+    norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device}
     start = time.perf_counter()
-    probs = predict_proba(model, test.images, meta["mean"], meta["std"], cfg.batch_size, cfg.tta, device)
+    probs = predict_proba(model, test.images, **norm)
     seconds = time.perf_counter() - start
+    info: dict = {"seed": run.seed, "images_per_s": round(len(test) / seconds, 1)}
+    flips = meta.get("hflip", 0.0) > 0
+    info["tta_accuracy"] = None
+    if cfg.tta and flips:
+        tta = predict_proba(model, test.images, views=("plain", "hflip"), **norm)
+        info["tta_accuracy"] = float(np.mean(tta.argmax(axis=1) == test.labels))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        batch = predict_proba(model, test.images, batch_stats=True, **norm)
+        info["batchstat_accuracy"] = float(np.mean(batch.argmax(axis=1) == test.labels))
     layer = gradcam_layer(model)
     if layer is not None:
         idx = one_per_class(test.labels, cfg.gradcam_images)
         pred = probs[idx].argmax(axis=1)
-        x = normalise(test.images[idx], meta["mean"], meta["std"], device)
+        x = _inputs(test.images[idx], meta["mean"], meta["std"], device)
         cams = gradcam(model, layer, x, torch.as_tensor(pred, device=device))
-        plots.mkdir(parents=True, exist_ok=True)
         gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png")
-    info = {"seed": run.seed, "tta": cfg.tta, "device": device.type,
-            "images_per_s": round(len(test) / seconds, 1)}
+    info["device"] = device.type
     return probs, info
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")

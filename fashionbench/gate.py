@@ -1,68 +1,48 @@
-"""CI gate: fail when a tracked test accuracy dropped by more than params compare.tolerance.
+"""The CI gate: compare two results tables (metrics/compare.json layout) row by row.
 
-    python -m fashionbench.gate              # workspace against HEAD, via `dvc metrics diff`
-    python -m fashionbench.gate --rev main   # against another revision
-    python -m fashionbench.gate --diff d.json  # a saved `dvc metrics diff --json` output
-
-Tracked accuracies are the metrics whose last key is `accuracy`: each run's test accuracy in
-metrics/eval/<id>.json and each row's mean in metrics/compare.json. Exit 1 lists every drop.
+accuracy_drops() lists each row whose test accuracy fell by more than the tolerance (or
+vanished); diff_table() prints what changed the way `dvc metrics diff` does. The quick run
+(fashionbench.quick) applies them to its table against reports/quick-baseline.json. Between
+two commits of main, `dvc metrics diff <rev>` compares the full-scale numbers themselves.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-from typing import Optional
-
-import typer
-
-from fashionbench.cli import user_errors
-from fashionbench.errors import UserError
-from fashionbench.params import PARAMS_FILE, load_params
-
-DROP_EXIT = 1
+TRACKED = ("accuracy", "macro_f1", "tta_accuracy")
 
 
-def accuracy_drops(diff: dict, tolerance: float) -> list[str]:
-    """One line per tracked accuracy that fell by more than `tolerance` or disappeared."""
+def _value(entry: dict | None, key: str) -> float | None:
+    if not entry or entry.get("not_run"):
+        return None
+    value = entry.get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def accuracy_drops(old: dict, new: dict, tolerance: float) -> list[str]:
+    """One line per row whose accuracy fell by more than `tolerance` or is now missing."""
     problems = []
-    for path, changes in sorted(diff.items()):
-        for key, change in sorted(changes.items()):
-            if key.rsplit(".", 1)[-1] != "accuracy" or change.get("old") is None:
-                continue  # not an accuracy, or a new metric: nothing to drop from
-            old, new = change["old"], change.get("new")
-            if new is None:
-                problems.append(f"{path}: {key} was {old:.4f} and is now missing")
-            elif old - new > tolerance:
-                problems.append(f"{path}: {key} {old:.4f} -> {new:.4f} ({new - old:+.4f})")
+    for row in old:
+        before, after = _value(old[row], "accuracy"), _value(new.get(row), "accuracy")
+        if before is None:
+            continue  # nothing to drop from
+        if after is None:
+            problems.append(f"{row}: accuracy was {before:.4f} and is now missing")
+        elif before - after > tolerance:
+            problems.append(f"{row}: accuracy {before:.4f} -> {after:.4f} ({after - before:+.4f})")
     return problems
 
 
-def metrics_diff(rev: str) -> dict:
-    """`dvc metrics diff --json <rev>`: the workspace's metrics against `rev`."""
-    result = subprocess.run(["dvc", "metrics", "diff", "--json", rev],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise UserError(f"`dvc metrics diff --json {rev}` failed: {result.stderr.strip()}")
-    return json.loads(result.stdout or "{}")
-
-
-def main(rev: str = typer.Option("HEAD", help="revision holding the committed metrics"),
-         diff: Optional[Path] = typer.Option(None, help="a saved `dvc metrics diff --json` file"),
-         params: Path = PARAMS_FILE) -> None:
-    """Exit 1 when a tracked accuracy dropped by more than compare.tolerance."""
-    with user_errors():
-        tolerance = load_params(params).compare.tolerance
-        changes = json.loads(diff.read_text()) if diff else metrics_diff(rev)
-    problems = accuracy_drops(changes, tolerance)
-    if problems:
-        typer.echo(f"error: accuracy dropped by more than {tolerance} against {rev}:", err=True)
-        for line in problems:
-            typer.echo(f"  {line}", err=True)
-        raise typer.Exit(DROP_EXIT)
-    typer.echo(f"ok: no tracked accuracy dropped by more than {tolerance} against {rev}")
-
-
-if __name__ == "__main__":
-    typer.run(main)
+def diff_table(old: dict, new: dict, old_name: str = "baseline", new_name: str = "quick run") -> str:
+    """Rows Path/Metric/old/new/Change for every tracked metric, like `dvc metrics diff`."""
+    lines = [("Row", "Metric", old_name, new_name, "Change")]
+    for row in list(old) + [r for r in new if r not in old]:
+        for key in TRACKED:
+            before, after = _value(old.get(row), key), _value(new.get(row), key)
+            if before is None and after is None:
+                continue
+            change = f"{after - before:+.4f}" if before is not None and after is not None else "-"
+            lines.append((row, key, "-" if before is None else f"{before:.4f}",
+                          "-" if after is None else f"{after:.4f}", change))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines) + "\n"

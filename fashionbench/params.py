@@ -1,13 +1,20 @@
 """params.yaml -> typed, frozen, validated objects.
 
-Every key in params.yaml must map to a field here and every field must be present: a
-misspelt key, a wrong type or an impossible value raises ParamsError naming the key,
-before a stage does any work. Defaults live in params.yaml only.
+params.yaml writes each default once: `train_defaults` for every deep recipe, `svm_defaults`
+for every SVM recipe, `model` for the WRN family's shared shape. A recipe lists only what it
+changes; the loader lays it over its defaults (a recipe's key wins, and `dvc exp run -S` edits
+whichever key the user names, so the command line always wins). After merging, every key must
+map to a field and every field must be present: a misspelt key, a wrong type or an impossible
+value raises ParamsError naming the key, before a stage does any work.
+
+`quick: true` scales sizes only (`quick_scale`: training, validation and test images, epochs,
+images per epoch, t-SNE/PCA sizes): no model or recipe key changes with the scale.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import types
 import typing
@@ -17,6 +24,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from fashionbench.dataset import CLASSES, IMAGE_SIDE, TEST_IMAGES, TRAIN_IMAGES
 from fashionbench.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -68,21 +76,22 @@ class Stats:
         _require(self.sprite_per_class >= 1, "sprite_per_class", "must be >= 1")
 
 
-TRAIN_IMAGES = 60_000
-CLASSES = 10
+MIN_PER_CLASS = 10  # training images per class a split must leave
 
 
 @dataclass(frozen=True)
 class Preprocess:
+    """The table's protocol: validation_size 0 trains on all 60,000 images, as the seed did."""
+
     validation_size: int
     subset_size: int
     seed: int
 
     def __post_init__(self) -> None:
         _require(self.validation_size >= 0, "validation_size", "must be >= 0 (0 = no validation split)")
-        _require(self.validation_size <= TRAIN_IMAGES - 10 * CLASSES, "validation_size",
+        _require(self.validation_size <= TRAIN_IMAGES - MIN_PER_CLASS * CLASSES, "validation_size",
                  f"{self.validation_size} leaves too few of the {TRAIN_IMAGES} training images; "
-                 f"use at most {TRAIN_IMAGES - 10 * CLASSES}")
+                 f"use at most {TRAIN_IMAGES - MIN_PER_CLASS * CLASSES}")
         left = TRAIN_IMAGES - self.validation_size
         _require(self.subset_size >= 0, "subset_size", "must be >= 0 (0 = all)")
         _require(self.subset_size <= left, "subset_size",
@@ -97,16 +106,26 @@ class Preprocess:
         return self.subset_size or TRAIN_IMAGES - self.validation_size
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """The split sizes preprocess applies: the `preprocess` section's or the quick scale's."""
+
+    validation_size: int
+    subset_size: int     # 0 = all training images left after the validation split
+    test_size: int       # 0 = the whole official test set
+    seed: int
+
+
 # ---------------------------------------------------------------- SVM
 
 
 SVM_FEATURES = ("raw", "hog", "pca")
-IMAGE_SIDE = 28
 
 
 @dataclass(frozen=True)
 class SVM:
     features: str               # raw | hog | pca, or several joined with "+" (e.g. pca+hog)
+    hog_input: Literal["pixels", "standardised"]
     scale: bool
     kernel: Literal["rbf", "poly", "linear", "rbf+poly"]
     C: float
@@ -158,67 +177,6 @@ class SVM:
 
 
 @dataclass(frozen=True)
-class WRNShape:
-    """The `model:` section: the WRN family's shared architecture."""
-
-    depth: int
-    widen: int
-    dropout: float
-
-    def __post_init__(self) -> None:
-        _require(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth",
-                 f"{self.depth} is impossible: a WRN depth is 6n+4 (10, 16, 22, 28, 34, 40, ...)")
-        _require(self.widen >= 1, "widen", "must be >= 1")
-        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class WRNVariant:
-    block: Literal["post", "pre"]
-    se_reduction: int
-    drop_path: float
-    drop_path_mode: Literal["sample", "batch"]
-
-    def __post_init__(self) -> None:
-        _require(self.se_reduction >= 0, "se_reduction", "must be >= 0 (0 = no SE)")
-        _require(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class CNNArch:
-    dropout: float
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class ResNet7Arch:
-    width: int
-
-    def __post_init__(self) -> None:
-        _require(self.width >= 1, "width", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class MLPArch:
-    hidden: tuple[int, ...]
-    dropout: float
-
-    def __post_init__(self) -> None:
-        _require(all(h >= 1 for h in self.hidden), "hidden", "widths must be >= 1")
-        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
-
-
-ARCH_TYPES: dict[str, type] = {
-    "cnn": CNNArch,
-    "resnet7": ResNet7Arch,
-    "mlp": MLPArch,
-    "wrn": WRNVariant,
-}
-
-
-@dataclass(frozen=True)
 class Augment:
     crop_pad: int
     translate: float
@@ -232,19 +190,21 @@ class Augment:
     cutmix: float
 
     def __post_init__(self) -> None:
-        _require(0 <= self.crop_pad <= 14, "crop_pad", "must be in [0, 14] px")
+        _require(0 <= self.crop_pad <= IMAGE_SIDE // 2, "crop_pad", f"must be in [0, {IMAGE_SIDE // 2}] px")
         _require(0 <= self.translate < 0.5, "translate", "must be in [0, 0.5)")
         for name in ("hflip", "jitter_p", "erase_p"):
             _require(0 <= getattr(self, name) <= 1, name, "is a probability: must be in [0, 1]")
         _require(0 <= self.jitter < 1, "jitter", "must be in [0, 1)")
         low, high = self.erase_scale
         _require(0 < low <= high < 1, "erase_scale", "must be [min, max] with 0 < min <= max < 1")
-        _require(0 <= self.cutout <= 28, "cutout", "must be in [0, 28] px")
+        _require(0 <= self.cutout <= IMAGE_SIDE, "cutout", f"must be in [0, {IMAGE_SIDE}] px")
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup", "Beta alphas must be >= 0")
 
 
 @dataclass(frozen=True)
 class TrainRecipe:
+    """One deep row: `train_defaults` with the row's section laid over it."""
+
     model: str
     arch: Any
     epochs: int
@@ -261,6 +221,7 @@ class TrainRecipe:
     label_smoothing: float
     grad_clip: float
     ema: float
+    precise_bn: int
     augment: Augment
     checkpoint_every: int
     device: Literal["auto", "cuda", "mps", "cpu"]
@@ -270,10 +231,14 @@ class TrainRecipe:
     eval_batch_size: int
 
     def __post_init__(self) -> None:
-        _require(self.model in ARCH_TYPES, "model",
-                 f"unknown model {self.model!r}; registered: {', '.join(sorted(ARCH_TYPES))}")
-        if not isinstance(self.arch, ARCH_TYPES[self.model]):  # dataclasses.replace passes it built
-            object.__setattr__(self, "arch", _build(ARCH_TYPES[self.model], self.arch, "arch"))
+        from fashionbench.models.registry import UnknownModelError, arch_type
+
+        try:
+            arch_cls = arch_type(self.model)
+        except UnknownModelError as err:
+            raise ParamsError("model", str(err)) from None
+        if isinstance(self.arch, Mapping):
+            object.__setattr__(self, "arch", _build(arch_cls, self.arch, "arch"))
         _require(self.epochs >= 1, "epochs", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
@@ -288,15 +253,30 @@ class TrainRecipe:
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0 = off)")
+        _require(self.precise_bn >= 0, "precise_bn", "must be >= 0 images (0 = off)")
         _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 epoch")
+        if self.device == "cuda":
+            _require(_cuda_available(), "device", "cuda is not available on this machine: "
+                     "use device: auto (or cpu) in train_defaults or this recipe")
 
 
-# ---------------------------------------------------------------- evaluate, compare
+def _cuda_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- evaluate, compare, scale
 
 
 @dataclass(frozen=True)
 class Evaluate:
     tta: bool
+    device: Literal["auto", "cuda", "mps", "cpu"]
     batch_size: int
     gallery_size: int
     gradcam_images: int
@@ -305,9 +285,8 @@ class Evaluate:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.gallery_size >= 1, "gallery_size", "must be >= 1")
         _require(1 <= self.gradcam_images <= 100, "gradcam_images", "must be in [1, 100]")
-
-
-DEEP_MODELS = ("cnn", "resnet7", "mlp", "wrn", "se_wrn")
+        _require(self.device != "cuda" or _cuda_available(), "device",
+                 "cuda is not available on this machine: use device: auto (or cpu)")
 
 
 @dataclass(frozen=True)
@@ -316,13 +295,43 @@ class Compare:
     tolerance: float
 
     def __post_init__(self) -> None:
-        for name in self.ensemble:
-            _require(name in DEEP_MODELS, "ensemble",
-                     f"unknown model {name!r}; choose from {', '.join(DEEP_MODELS)}")
         _require(0 <= self.tolerance < 1, "tolerance", "must be in [0, 1) (accuracy, absolute)")
 
 
+@dataclass(frozen=True)
+class QuickScale:
+    """What `quick: true` shrinks: sizes only."""
+
+    train_size: int
+    validation_size: int
+    test_size: int
+    epochs: int
+    epoch_images: dict[str, int]
+    tsne_size: int
+    pca_size: int
+
+    def __post_init__(self) -> None:
+        _require(CLASSES <= self.train_size <= TRAIN_IMAGES - self.validation_size, "train_size",
+                 f"must be between {CLASSES} and the training images left after the validation split")
+        _require(self.validation_size >= 0, "validation_size", "must be >= 0")
+        _require(CLASSES <= self.test_size <= TEST_IMAGES, "test_size", f"must be in [{CLASSES}, {TEST_IMAGES}]")
+        _require(self.epochs >= 1, "epochs", "must be >= 1")
+        _require("default" in self.epoch_images, "epoch_images",
+                 "needs a `default` entry (training images per epoch for any deep row)")
+        _require(all(v >= 1 for v in self.epoch_images.values()), "epoch_images", "sizes must be >= 1")
+        _require(self.tsne_size >= 10 and self.pca_size >= 10, "tsne_size", "t-SNE and PCA sizes must be >= 10")
+
+    def images_per_epoch(self, row: str) -> int:
+        """Training images drawn per epoch by deep row `row` in the quick run."""
+        return self.epoch_images.get(row, self.epoch_images["default"])
+
+
 # ---------------------------------------------------------------- the whole file
+
+# Sections that hold defaults for others rather than a row of the table.
+DEFAULTS = {"svm": "svm_defaults", "deep": "train_defaults", "shared_arch": "model"}
+TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "download", "stats", "preprocess",
+             "svm_defaults", "svm", "model", "train_defaults", "evaluate", "compare")
 
 
 @dataclass(frozen=True)
@@ -330,34 +339,56 @@ class Params:
     seed: int
     seeds: tuple[int, ...]
     quick: bool
+    quick_scale: QuickScale
     download: Download
     stats: Stats
     preprocess: Preprocess
     svm: dict[str, SVM]
-    model: WRNShape
-    cnn: TrainRecipe
-    resnet7: TrainRecipe
-    mlp: TrainRecipe
-    wrn: TrainRecipe
-    se_wrn: TrainRecipe
+    recipes: dict[str, TrainRecipe]  # every deep row: a top-level section naming a `model`
     evaluate: Evaluate
     compare: Compare
-    quick_run: dict[str, Any]
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0, "seeds", "list at least one training seed")
         _require(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         _require(len(self.svm) > 0, "svm", "define at least one SVM recipe")
+        for name in self.compare.ensemble:
+            _require(name in self.recipes, "compare.ensemble",
+                     f"unknown row {name!r}; deep rows: {', '.join(self.recipes)}")
 
-    def recipe(self, name: str) -> TrainRecipe:
-        """The training recipe of a deep model stage (cnn, resnet7, mlp, wrn, se_wrn)."""
-        if name not in DEEP_MODELS:
-            raise ParamsError(name, f"no such training section; choose from {', '.join(DEEP_MODELS)}")
-        return getattr(self, name)
+    def recipe(self, row: str) -> TrainRecipe:
+        """The training recipe of deep row `row` (cnn, resnet7, mlp, wrn, se_wrn, ...), with
+        its epochs and precise-BN images capped by the quick scale when `quick` is on."""
+        if row not in self.recipes:
+            raise ParamsError(row, f"no such training section; deep rows: {', '.join(self.recipes)}")
+        recipe = self.recipes[row]
+        if self.quick:
+            recipe = dataclasses.replace(
+                recipe, epochs=min(recipe.epochs, self.quick_scale.epochs),
+                precise_bn=min(recipe.precise_bn, self.epoch_images(row)))
+        return recipe
+
+    def epoch_images(self, row: str) -> int:
+        """Training images per epoch of deep row `row`; 0 = the whole training split."""
+        return self.quick_scale.images_per_epoch(row) if self.quick else 0
+
+    def sizes(self) -> Sizes:
+        """The preprocess sizes in force: the section's, or the quick scale's."""
+        pre, q = self.preprocess, self.quick_scale
+        if not self.quick:
+            return Sizes(pre.validation_size, pre.subset_size, 0, pre.seed)
+        return Sizes(q.validation_size, q.train_size, q.test_size, pre.seed)
+
+    def stats_sizes(self) -> Stats:
+        """The stats section with the quick scale's t-SNE and PCA sizes when `quick` is on."""
+        if not self.quick:
+            return self.stats
+        return dataclasses.replace(self.stats, tsne_size=self.quick_scale.tsne_size,
+                                   pca_size=self.quick_scale.pca_size)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read, apply the quick run when `quick: true`, and validate params.yaml."""
+    """Read, merge defaults into recipes, and validate params.yaml."""
     path = Path(path)
     if not path.exists():
         raise ParamsError("(file)", f"{path} not found: run from the repository root")
@@ -372,24 +403,96 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml)."""
-    full = _build(Params, raw, "")  # the full recipes are checked even in a quick run
-    if not full.quick:
-        return full
-    return _build(Params, apply_overrides(raw, full.quick_run, "quick_run"), "")
+    return _build(Params, resolve(raw), "")
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:
-    """Deep-merge `overrides` onto `raw`; an override key absent from `raw` is an error."""
-    merged = copy.deepcopy(dict(raw))
+def resolve(raw: Mapping[str, Any]) -> dict:
+    """The params with every recipe complete: defaults merged in, recipes gathered.
+
+    A top-level section holding a `model:` key is a deep row; any other key that is not a
+    known section is a mistake (with a did-you-mean).
+    """
+    from fashionbench.models.registry import UnknownModelError, shared_sections
+
+    rows = {k: v for k, v in raw.items() if isinstance(v, Mapping) and "model" in v}
+    for key in raw:
+        if key not in TOP_LEVEL and key not in rows:
+            raise ParamsError(key, "unknown section" + _did_you_mean(str(key), TOP_LEVEL + tuple(rows))
+                              + "; a deep row's section must name its `model:`")
+    out = {k: v for k, v in raw.items() if k in TOP_LEVEL}
+    for key in ("svm_defaults", "train_defaults", "model"):
+        _require(isinstance(raw.get(key), Mapping), key, "missing section: add it to params.yaml")
+    svm = raw.get("svm")
+    _require(isinstance(svm, Mapping), "svm", "must be a mapping of named recipes")
+    out["svm"] = {name: merge(raw["svm_defaults"], recipe or {}, f"svm.{name}")
+                  for name, recipe in svm.items()}
+    out["recipes"] = {}
+    for row, section in rows.items():
+        merged = merge(raw["train_defaults"], section, row)
+        try:
+            shares = shared_sections(section["model"])
+        except UnknownModelError as err:
+            raise ParamsError(f"{row}.model", str(err)) from None
+        if shares:  # e.g. the WRN family reads `model:` too
+            merged["arch"] = merge(raw["model"], merged.get("arch") or {}, f"{row}.arch", strict=False)
+        out["recipes"][row] = merged
+    for key in ("svm_defaults", "train_defaults", "model"):
+        out.pop(key, None)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The runs params.yaml defines, read without building models (no torch): what the
+    compare stage and the CI gate need. check_params has validated the file."""
+
+    quick: bool
+    seeds: tuple[int, ...]
+    svm: tuple[str, ...]              # SVM recipe names
+    deep: tuple[str, ...]             # deep rows, in params.yaml order
+    epochs: dict[str, int]            # each deep row's recipe epochs
+    ensemble: tuple[str, ...]
+    tolerance: float
+
+    def rows(self) -> list[str]:
+        """Table rows in order: svm-<recipe>..., then the deep rows."""
+        return [f"svm-{k}" for k in self.svm] + list(self.deep)
+
+    def runs(self) -> list[tuple[str, str, int | None]]:
+        """(run id, row, seed) of every run: one per SVM recipe, one per deep row and seed."""
+        return ([(f"svm-{k}", f"svm-{k}", None) for k in self.svm]
+                + [(f"{row}-seed{seed}", row, seed) for row in self.deep for seed in self.seeds])
+
+    def row_of(self, run_id: str) -> str:
+        return run_id if run_id.startswith("svm-") else run_id.rpartition("-seed")[0]
+
+
+def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
+    """The Plan of params.yaml (errors as load_params gives them for the keys it reads)."""
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if not isinstance(raw, dict):
+        raise ParamsError("(file)", f"{path} not found or not a mapping: run from the repository root")
+    deep = [k for k, v in raw.items() if isinstance(v, Mapping) and "model" in v]
+    defaults = raw.get("train_defaults") or {}
+    compare = _build(Compare, raw.get("compare"), "compare")
+    return Plan(bool(raw.get("quick")), tuple(raw.get("seeds") or ()), tuple(raw.get("svm") or ()),
+                tuple(deep), {k: int(raw[k].get("epochs", defaults.get("epochs", 0))) for k in deep},
+                compare.ensemble, compare.tolerance)
+
+
+def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str,
+          strict: bool = True) -> dict:
+    """`overrides` laid over `defaults`, mappings merged key by key. With `strict`, a key the
+    defaults lack is an error unless the defaults lack its whole mapping (e.g. a recipe's
+    `arch`); the dataclass check then names any unknown key."""
+    merged = copy.deepcopy(dict(defaults))
+    if not isinstance(overrides, Mapping):
+        raise ParamsError(where, f"must be a mapping, got {overrides!r}")
     for key, value in overrides.items():
-        path = f"{where}.{key}"
-        if key not in merged:
-            raise ParamsError(path, f"overrides {key!r}, which params.yaml does not define"
-                              + _did_you_mean(key, merged))
-        if isinstance(value, Mapping) and isinstance(merged[key], Mapping):
-            merged[key] = apply_overrides(merged[key], value, path)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value, f"{where}.{key}", strict)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

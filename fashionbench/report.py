@@ -1,24 +1,42 @@
-"""The compare stage: one results table across every evaluated run, an ensemble row, figures,
-and the README's results table regenerated from metrics/compare.json."""
+"""The compare stage: one results table of exactly the runs params.yaml defines, an ensemble
+row, figures, and the README's table (written by `python -m fashionbench.readme`).
+
+Everything comes from what the runs recorded: metrics/train/<id>.json (recipe and
+architecture in words, parameters, epochs, time, hardware, scale), metrics/eval/<id>.json
+(plain, TTA and batch-statistics accuracy) and predictions/<id>.npz (per-class scores,
+ensemble). A run params.yaml defines but nobody has run at this scale is a row that says so,
+with the command that runs it; a file no current run names is never read.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fashionbench.classical import describe
-from fashionbench.data import CLASS_NAMES
+from fashionbench.dataset import CLASS_NAMES
 from fashionbench.errors import UserError
-from fashionbench.evaluate import classification_metrics
-from fashionbench.params import DEEP_MODELS, Params
+from fashionbench.io import save_figure, write_json, write_text
+from fashionbench.params import Plan
 
 ENSEMBLE = "ensemble"
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")  # DVCLive names from training
+
+# What the source reports give for each row (the last epoch where they say which), shown
+# beside our numbers. The seed credits its SVC recipe as written (with a scaler: our
+# rbf_scaled) with the 0.8999 that only the unscaled recipe reaches.
+SEED_REPORTED = {
+    "svm-rbf": "0.8999", "svm-rbf_scaled": "0.8999 (claimed)", "svm-hog_seed": "0.8940",
+    "svm-hog": "0.8940 (seed's HOG row)", "cnn": "0.9320", "resnet7": "0.9300",
+    "mlp": "0.851 (2nd report)", "wrn": "0.9573 (WRN-40-4)", "se_wrn": "0.9602 (SE-WRN-40-4)",
+}
+
+# How long a row nobody has run at full scale would take, measured per epoch: WRN-40-4 on the
+# 2-core development CPU (AMD EPYC, fp32), and the seed report's GPU for its SE-WRN-40-4.
+NOT_RUN_EPOCH_S = {"wrn": (1020, 15), "se_wrn": (1100, 15)}
 
 
 @dataclass(frozen=True)
@@ -26,74 +44,88 @@ class RunResult:
     """One evaluated run (or one seed's ensemble) with what training recorded about it."""
 
     id: str
-    row: str              # table row: a deep model (cnn, ...), "svm-<variant>" or "ensemble"
+    row: str                  # deep row (cnn, ...), "svm-<recipe>" or "ensemble"
     seed: int | None
     accuracy: float
     macro_f1: float
     class_accuracy: dict[str, float]
-    parameters: int | None = None
-    train_s: float | None = None
-    device: str | None = None
-    quick: bool | None = None
-    epochs: int | None = None
-    tta: bool = False
-    members: tuple[str, ...] = ()  # an ensemble's models
+    train: dict = field(default_factory=dict)   # metrics/train/<id>.json
+    tta_accuracy: float | None = None
+    batchstat_accuracy: float | None = None
 
 
 # ---------------------------------------------------------------- gathering
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}): re-run the stage that writes it "
+                        f"(`dvc repro -f` of its train or evaluate stage)") from None
 
 
-def _class_accuracy(metrics: dict) -> dict[str, float]:
-    # Per-class accuracy on a test set is the class's recall.
-    return {name: metrics["per_class"][name]["recall"] for name in CLASS_NAMES}
+def scores_from_predictions(path: Path) -> tuple[dict[str, float], float, float]:
+    """(per-class accuracy, accuracy, macro F1) from a predictions/<id>.npz file."""
+    with np.load(path) as saved:
+        probs, labels = saved["probs"], saved["labels"]
+    return _scores(labels, probs.argmax(axis=1))
 
 
-def load_runs(root: Path) -> list[RunResult]:
-    """Every run under metrics/eval/, joined with its metrics/train/ record when present."""
-    runs = []
-    for path in sorted((root / "metrics/eval").glob("*.json")):
-        ev, train = _read_json(path), _read_json(root / "metrics/train" / path.name)
-        is_svm = ev["model"] == "svm"
-        train_s = train.get("fit_time_s") if is_svm else train.get("wall_time_s")
-        runs.append(RunResult(
-            id=ev["id"], row=ev["id"] if is_svm else ev["model"], seed=ev.get("seed"),
-            accuracy=ev["accuracy"], macro_f1=ev["macro_f1"], class_accuracy=_class_accuracy(ev),
-            parameters=train.get("parameters"), train_s=train_s,
-            device=train.get("device", "cpu" if is_svm else None), quick=train.get("quick"),
-            epochs=train.get("epochs"), tta=bool(ev.get("tta", False))))
-    return runs
+def _scores(labels: np.ndarray, pred: np.ndarray) -> tuple[dict[str, float], float, float]:
+    recall, f1 = [], []
+    for c in range(len(CLASS_NAMES)):
+        tp = float(np.sum((pred == c) & (labels == c)))
+        actual, predicted = float(np.sum(labels == c)), float(np.sum(pred == c))
+        recall.append(tp / actual if actual else 0.0)
+        f1.append(2 * tp / (actual + predicted) if actual + predicted else 0.0)
+    return dict(zip(CLASS_NAMES, recall)), float(np.mean(pred == labels)), float(np.mean(f1))
+
+
+def load_runs(root: Path, plan: Plan) -> tuple[list[RunResult], list[str]]:
+    """The runs `plan` defines that have been trained and evaluated at the plan's scale, and
+    the ids of those that have not."""
+    runs, missing = [], []
+    for run_id, row, seed in plan.runs():
+        ev_path, train_path = root / "metrics/eval" / f"{run_id}.json", root / "metrics/train" / f"{run_id}.json"
+        predictions = root / "predictions" / f"{run_id}.npz"
+        if not (ev_path.is_file() and train_path.is_file() and predictions.is_file()):
+            missing.append(run_id)
+            continue
+        ev, train = _read_json(ev_path), _read_json(train_path)
+        if bool(train.get("quick")) != plan.quick:
+            missing.append(run_id)  # a result of the other scale: not this table's
+            continue
+        class_accuracy, _, _ = scores_from_predictions(predictions)
+        runs.append(RunResult(run_id, row, seed, ev["accuracy"], ev["macro_f1"], class_accuracy,
+                              train, ev.get("tta_accuracy"), ev.get("batchstat_accuracy")))
+    return runs, missing
 
 
 def ensemble_runs(root: Path, members: tuple[str, ...], runs: list[RunResult]) -> list[RunResult]:
-    """Per seed, the mean of the members' test probabilities (seeds with two or more members)."""
-    by_id = {r.id: r for r in runs}
-    seeds = sorted({r.seed for r in runs if r.row in members and r.seed is not None})
+    """Per seed, the mean of the members' plain test probabilities (two or more members)."""
     out = []
-    for seed in seeds:
-        ids = [f"{m}-seed{seed}" for m in members
-               if f"{m}-seed{seed}" in by_id and (root / "predictions" / f"{m}-seed{seed}.npz").is_file()]
-        if len(ids) < 2:
+    for seed in sorted({r.seed for r in runs if r.row in members}):
+        parts = [r for r in runs if r.row in members and r.seed == seed]
+        if len(parts) < 2:
             continue
-        arrays = [np.load(root / "predictions" / f"{i}.npz") for i in ids]
+        arrays = [np.load(root / "predictions" / f"{p.id}.npz") for p in parts]
         probs = np.mean([a["probs"] for a in arrays], axis=0)
-        labels = arrays[0]["labels"]
-        metrics = classification_metrics(labels, probs.argmax(axis=1), probs)
-        parts = [by_id[i] for i in ids]
-        out.append(RunResult(
-            id=f"{ENSEMBLE}-seed{seed}", row=ENSEMBLE, seed=seed, accuracy=metrics["accuracy"],
-            macro_f1=metrics["macro_f1"], class_accuracy=_class_accuracy(metrics),
-            parameters=_total([p.parameters for p in parts]), train_s=_total([p.train_s for p in parts]),
-            device=_join(p.device for p in parts), quick=_any_quick(p.quick for p in parts),
-            tta=all(p.tta for p in parts), members=tuple(p.row for p in parts)))
+        class_accuracy, accuracy, macro_f1 = _scores(arrays[0]["labels"], probs.argmax(axis=1))
+        absent = [m for m in members if m not in {p.row for p in parts}]
+        recipe = "mean plain probabilities of " + ", ".join(p.row for p in parts)
+        if absent:
+            recipe += f" ({', '.join(absent)}: not run)"
+        train = {"recipe": recipe, "parameters": sum(p.train.get("parameters", 0) for p in parts),
+                 "wall_time_s": sum(_train_s(p) or 0 for p in parts), "quick": parts[0].train.get("quick"),
+                 "hardware": _join(p.train.get("hardware") for p in parts)}
+        out.append(RunResult(f"{ENSEMBLE}-seed{seed}", ENSEMBLE, seed, accuracy, macro_f1,
+                             class_accuracy, train))
     return out
 
 
-def _total(values: list) -> float | None:
-    return None if any(v is None for v in values) else sum(values)
+def _train_s(run: RunResult) -> float | None:
+    return run.train.get("fit_time_s", run.train.get("wall_time_s"))
 
 
 def _join(values) -> str | None:
@@ -101,68 +133,7 @@ def _join(values) -> str | None:
     return ", ".join(present) or None
 
 
-def _any_quick(values) -> bool | None:
-    values = list(values)
-    return None if all(v is None for v in values) else any(bool(v) for v in values)
-
-
-# ---------------------------------------------------------------- recipes in words
-
-
-def _augment_words(aug) -> str:
-    words = [f"crop pad {aug.crop_pad}" if aug.crop_pad else "",
-             f"translate {aug.translate:g}" if aug.translate else "",
-             f"hflip {aug.hflip:g}" if aug.hflip else "",
-             f"jitter {aug.jitter:g} p {aug.jitter_p:g}" if aug.jitter and aug.jitter_p else "",
-             f"erase p {aug.erase_p:g}" if aug.erase_p else "",
-             f"cutout {aug.cutout}" if aug.cutout else "",
-             f"mixup {aug.mixup:g}" if aug.mixup else "",
-             f"cutmix {aug.cutmix:g}" if aug.cutmix else ""]
-    return ", ".join(w for w in words if w) or "no augmentation"
-
-
-def _architecture(params: Params, name: str) -> str:
-    arch = params.recipe(name).arch
-    if name == "cnn":
-        return f"2-conv CNN, dropout {arch.dropout:g}"
-    if name == "resnet7":
-        return f"ResNet-7, width {arch.width}"
-    if name == "mlp":
-        return "MLP " + "-".join(map(str, (784, *arch.hidden, 10)))
-    shape = params.model
-    words = f"{'SE-' if arch.se_reduction else ''}WRN-{shape.depth}-{shape.widen} {arch.block}-act"
-    if shape.dropout:
-        words += f", dropout {shape.dropout:g}"
-    if arch.drop_path:
-        words += f", drop-path {arch.drop_path:g} ({arch.drop_path_mode})"
-    return words
-
-
-def recipe_summary(params: Params, run: RunResult) -> str:
-    """A one-line description of how a row was produced: features/architecture, training, TTA."""
-    row = run.row
-    if row == ENSEMBLE:
-        words = "mean probabilities of " + ", ".join(run.members)
-    elif row.startswith("svm-"):
-        words = describe(params.svm[row[4:]])
-    else:
-        recipe = params.recipe(row)
-        smoothing = f", LS {recipe.label_smoothing:g}" if recipe.label_smoothing else ""
-        words = (f"{_architecture(params, row)}; {recipe.optimizer} {recipe.schedule}{smoothing}; "
-                 f"{_augment_words(recipe.augment)}; {_plural(run.epochs or recipe.epochs, 'epoch')}")
-    return words + ("; flip TTA" if run.tta else "")
-
-
 # ---------------------------------------------------------------- the table
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _row_order(params: Params, rows: set[str]) -> list[str]:
-    order = [f"svm-{v}" for v in params.svm] + list(DEEP_MODELS) + [ENSEMBLE]
-    return [r for r in order if r in rows] + sorted(rows - set(order))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -170,35 +141,42 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return round(float(np.mean(values)), 5), round(std, 5)
 
 
-# What the seed report gives for each row (last epoch where it says which), shown beside our
-# numbers so a reader sees what is reproduced. The report credits its SVC recipe as written
-# (with a scaler, our rbf_scaled) with the 0.8999 that only the unscaled recipe reaches.
-SEED_REPORTED = {
-    "svm-rbf": "0.8999", "svm-rbf_scaled": "0.8999 (claimed)", "svm-hog": "0.8940",
-    "cnn": "0.9320", "resnet7": "0.9300", "mlp": "0.851 (2nd report)",
-    "wrn": "0.9573 (WRN-40-4)", "se_wrn": "0.9602 (SE-WRN-40-4)",
-}
+def _optional_mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else round(float(np.mean(values)), 5)
 
 
-def summarise(runs: list[RunResult], params: Params) -> dict:
-    """metrics/compare.json: one entry per row, mean and sample std over its seeds."""
+def _recipe(run: RunResult) -> str:
+    train = run.train
+    if run.row.startswith("svm-") or run.row == ENSEMBLE:
+        return train.get("recipe", "-")
+    return f"{train.get('architecture', run.row)}; {train.get('recipe', '-')}"
+
+
+def summarise(runs: list[RunResult], missing: list[str], plan: Plan) -> dict:
+    """metrics/compare.json: one entry per row, mean and sample std over its seeds; rows with
+    no run at this scale carry the command that runs them."""
     table = {}
-    for row in _row_order(params, {r.row for r in runs}):
+    for row in plan.rows() + [ENSEMBLE]:
         group = [r for r in runs if r.row == row]
+        if not group:
+            if row != ENSEMBLE:
+                table[row] = _not_run(row, [m for m in missing if plan.row_of(m) == row], plan)
+            continue
         first = group[0]
         accuracy, accuracy_std = _mean_std([r.accuracy for r in group])
         macro_f1, macro_f1_std = _mean_std([r.macro_f1 for r in group])
-        times = [r.train_s for r in group if r.train_s is not None]
+        times = [t for t in (_train_s(r) for r in group) if t is not None]
         table[row] = {
-            "runs": len(group),
-            "seeds": ", ".join(str(r.seed) for r in group if r.seed is not None),
-            "parameters": first.parameters,
-            "recipe": recipe_summary(params, first),
+            "runs": len(group), "seeds": [r.seed for r in group if r.seed is not None],
+            "parameters": first.train.get("parameters"), "recipe": _recipe(first),
             "accuracy": accuracy, "accuracy_std": accuracy_std,
             "macro_f1": macro_f1, "macro_f1_std": macro_f1_std,
+            "tta_accuracy": _optional_mean([r.tta_accuracy for r in group]),
+            "batchstat_accuracy": _optional_mean([r.batchstat_accuracy for r in group]),
+            "epochs": first.train.get("epochs"), "train_size": first.train.get("train_size"),
             "train_s": round(float(np.mean(times)), 1) if times else None,
-            "device": _join(r.device for r in group),
-            "scale": _scale({r.quick for r in group}),
+            "hardware": _hardware(first.train),
+            "scale": "quick" if plan.quick else "full",
             "seed_reported": SEED_REPORTED.get(row, "-"),
             "class_accuracy": {c: round(float(np.mean([r.class_accuracy[c] for r in group])), 5)
                                for c in CLASS_NAMES},
@@ -206,11 +184,25 @@ def summarise(runs: list[RunResult], params: Params) -> dict:
     return table
 
 
-def _scale(quick_flags: set[bool | None]) -> str:
-    flags = quick_flags - {None}
-    if len(flags) != 1:
-        return "mixed" if flags else "unknown"
-    return "quick" if flags.pop() else "full"
+def _hardware(train: dict) -> str | None:
+    hardware = train.get("hardware")
+    if not hardware:
+        return train.get("device")
+    threads = train.get("threads")
+    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} threads" if threads else "")
+
+
+def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
+    stages = " ".join(f"evaluate@{r.replace('-seed', '-')}" if not row.startswith("svm-")
+                      else f"evaluate_svm@{row[4:]}" for r in run_ids)
+    estimate = "-"
+    if row in NOT_RUN_EPOCH_S and row in plan.epochs:
+        cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
+        epochs = plan.epochs[row]
+        estimate = (f"{epochs} epochs: ~{epochs * cpu_s / 3600:.0f} h on the 2-core CPU, "
+                    f"~{epochs * gpu_s / 3600:.1f} h on the seed's GPU")
+    return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate,
+            "scale": "quick" if plan.quick else "full", "seed_reported": SEED_REPORTED.get(row, "-")}
 
 
 def _duration(seconds: float | None) -> str:
@@ -224,64 +216,61 @@ def _duration(seconds: float | None) -> str:
 def _with_spread(entry: dict, key: str) -> str:
     text = f"{entry[key]:.4f}"
     if entry["runs"] > 1:
-        text += f" ± {entry[key + '_std']:.4f} ({_plural(entry['runs'], 'seed')})"
+        text += f" ± {entry[key + '_std']:.4f} ({entry['runs']} seeds)"
     return text
 
 
 def results_table(table: dict) -> str:
     """The Markdown results table, a pure function of metrics/compare.json."""
-    lines = ["| model | params | recipe | test accuracy | macro F1 | train time | device | scale "
-             "| seed report |", "|---|---:|---|---|---|---:|---|---|---|"]
+    lines = ["| row | params | recipe | test accuracy | macro F1 | flip TTA | epochs | train time "
+             "| trained on | scale | source report |", "|---|---:|---|---|---|---|---:|---:|---|---|---|"]
     for row, e in table.items():
-        params = f"{e['parameters']:,}" if e["parameters"] is not None else "-"
+        if e.get("not_run"):
+            lines.append(f"| {row} | - | **not run at {e['scale']} scale**: `{e['command']}` "
+                         f"({e['estimate']}) | - | - | - | - | - | - | {e['scale']} | {e['seed_reported']} |")
+            continue
+        params = f"{e['parameters']:,}" if e.get("parameters") else "-"
+        tta = f"{e['tta_accuracy']:.4f}" if e.get("tta_accuracy") is not None else "-"
+        epochs = e["epochs"] if e.get("epochs") else "-"
         lines.append(f"| {row} | {params} | {e['recipe']} | {_with_spread(e, 'accuracy')} | "
-                     f"{_with_spread(e, 'macro_f1')} | {_duration(e['train_s'])} | "
-                     f"{e['device'] or '-'} | {e['scale']} | {e['seed_reported']} |")
+                     f"{_with_spread(e, 'macro_f1')} | {tta} | {epochs} | {_duration(e['train_s'])} | "
+                     f"{e['hardware'] or '-'} | {e['scale']} | {e['seed_reported']} |")
     return "\n".join(lines) + "\n"
 
 
 def class_accuracy_table(table: dict) -> str:
-    """Per-class test accuracy (recall) of every row, as Markdown."""
-    lines = ["| model | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---:|" * len(CLASS_NAMES)]
+    """Per-class test accuracy (recall) of every row that ran, as Markdown."""
+    lines = ["| row | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---:|" * len(CLASS_NAMES)]
     for row, e in table.items():
-        lines.append(f"| {row} | " + " | ".join(f"{e['class_accuracy'][c]:.3f}" for c in CLASS_NAMES) + " |")
+        if not e.get("not_run"):
+            lines.append(f"| {row} | " + " | ".join(f"{e['class_accuracy'][c]:.3f}" for c in CLASS_NAMES) + " |")
     return "\n".join(lines) + "\n"
 
 
-def readme_block(table: dict) -> str:
-    """What the README holds between its results markers."""
-    return (f"{README_START}\n{results_table(table)}\n"
-            "Generated by `dvc repro compare` from `metrics/compare.json`; per-class accuracy and "
-            f"figures in `reports/results.md` and `plots/compare/`.\n{README_END}")
-
-
-def update_readme(readme: Path, table: dict) -> None:
-    """Rewrite the README's results between the markers (adding a Results section if absent)."""
-    text = readme.read_text() if readme.is_file() else "# fashionbench\n"
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        text = text.rstrip("\n") + f"\n\n## Results\n\n{README_START}\n{README_END}\n"
-        start, end = text.find(README_START), text.find(README_END)
-    readme.write_text(text[:start] + readme_block(table) + text[end + len(README_END):])
-
-
-def readme_table(readme: Path) -> str | None:
-    """The block between the README's results markers, markers included (None if absent)."""
-    text = readme.read_text() if readme.is_file() else ""
-    start, end = text.find(README_START), text.find(README_END)
-    return text[start:end + len(README_END)] if 0 <= start < end else None
+def batch_norm_table(table: dict) -> str:
+    """Eval-mode (running statistics after precise-BN) against batch-statistics accuracy."""
+    lines = ["| row | eval mode | batch statistics | difference |", "|---|---:|---:|---:|"]
+    for row, e in table.items():
+        if e.get("batchstat_accuracy") is not None:
+            lines.append(f"| {row} | {e['accuracy']:.4f} | {e['batchstat_accuracy']:.4f} | "
+                         f"{e['accuracy'] - e['batchstat_accuracy']:+.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def results_markdown(table: dict) -> str:
-    """reports/results.md: the table, per-class accuracy and the figures."""
+    """reports/results.md: the table, per-class accuracy, batch-norm check and figures."""
     figures = "\n".join(f"![{name}](../plots/compare/{name}.png)" for name in
                         ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy",
                          "learning_curves"))
-    return ("# Results\n\nTest accuracy on the official 10,000 test images, final epoch; "
-            "mean ± sample std where several seeds ran. Scale `quick` means the quick run "
-            "(subset, few epochs), not the full recipe.\n\n"
+    return ("# Results\n\nTest accuracy on the official test images, final epoch, plain single "
+            "view; flip TTA separately, for rows trained with flips only. Mean ± sample std where "
+            "several seeds ran. Scale `quick` means the quick check (subsets, one epoch), never "
+            "a result.\n\n"
             f"{results_table(table)}\n## Per-class accuracy\n\n{class_accuracy_table(table)}\n"
-            f"## Figures\n\n{figures}\n")
+            "## Batch-norm statistics\n\nTest accuracy with the running statistics (after the "
+            "precise-BN pass over training images) and with each test batch's own statistics; "
+            f"equal within noise when the running statistics match the final weights.\n\n"
+            f"{batch_norm_table(table)}\n## Figures\n\n{figures}\n")
 
 
 # ---------------------------------------------------------------- figures
@@ -300,20 +289,19 @@ def _scatter(table: dict, key: str, xlabel: str, title: str, path: Path) -> None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row, e in table.items():
-        if e[key] is None:
+        if e.get(key) is None:
             continue
         ax.errorbar(e[key], e["accuracy"], yerr=e["accuracy_std"] or None, fmt="o", capsize=3)
         ax.annotate(row, (e[key], e["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _class_heatmap(table: dict, path: Path) -> None:
     plt = _pyplot()
-    rows = list(table)
+    rows = [r for r, e in table.items() if not e.get("not_run")]
     values = np.array([[table[r]["class_accuracy"][c] for c in CLASS_NAMES] for r in rows])
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 2))
     ax.imshow(values, cmap="viridis", vmin=min(0.5, values.min()), vmax=1, aspect="auto")
@@ -324,17 +312,14 @@ def _class_heatmap(table: dict, path: Path) -> None:
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title("per-class test accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def read_curve(path: Path) -> tuple[list[float], list[float]]:
     """(steps, values) of a DVCLive .tsv (columns step, <name>, maybe timestamp)."""
     with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        rows = list(reader)
-    name = path.stem
-    return [float(r["step"]) for r in rows], [float(r[name]) for r in rows]
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [float(r["step"]) for r in rows], [float(r[path.stem]) for r in rows]
 
 
 def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
@@ -352,36 +337,32 @@ def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_figures(root: Path, table: dict, runs: list[RunResult], out: Path) -> None:
     """The four comparison figures as PNGs under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
     _scatter(table, "parameters", "parameters (log)", "test accuracy against model size",
              out / "accuracy_vs_parameters.png")
     _scatter(table, "train_s", "train time, s (log)", "test accuracy against training time",
              out / "accuracy_vs_train_time.png")
     _class_heatmap(table, out / "class_accuracy.png")
-    deep = [r.id for r in runs if r.row in DEEP_MODELS]
+    deep = [r.id for r in runs if not r.row.startswith("svm-") and r.row != ENSEMBLE]
     _learning_curves(root, deep, out / "learning_curves.png")
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def compare(params: Params, root: Path = Path(".")) -> dict:
-    """Write metrics/compare.json, reports/results.md, plots/compare/ and the README table."""
-    runs = load_runs(root)
+def compare(plan: Plan, root: Path = Path(".")) -> dict:
+    """Write metrics/compare.json, reports/results.md and plots/compare/."""
+    runs, missing = load_runs(root, plan)
     if not runs:
-        raise UserError("metrics/eval/ holds no evaluated run: run `dvc repro evaluate` first")
-    runs += ensemble_runs(root, params.compare.ensemble, runs)
-    table = summarise(runs, params)
-    (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/compare.json").write_text(json.dumps(table, indent=2) + "\n")
-    (root / "reports").mkdir(exist_ok=True)
-    (root / "reports/results.md").write_text(results_markdown(table))
+        raise UserError("no run that params.yaml defines has been evaluated at this scale: "
+                        "run `dvc repro` first")
+    runs += ensemble_runs(root, plan.ensemble, runs)
+    table = summarise(runs, missing, plan)
+    write_json(root / "metrics/compare.json", table)
+    write_text(root / "reports/results.md", results_markdown(table))
     write_figures(root, table, runs, root / "plots/compare")
-    update_readme(root / "README.md", table)
     return table

@@ -9,7 +9,9 @@ bit-identically on CPU), a progress bar and a per-epoch callback for the stage's
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import inspect
 import json
@@ -19,17 +21,20 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fashionbench.augment import augment_batch, mix_batch
+from fashionbench.augment import augment_batch, mix_batch, normalise
 from fashionbench.data import Prepared, Split
 from fashionbench.errors import UserError
-from fashionbench.models import build_model, count_parameters, model_arch, save_trained
+from fashionbench import machine
+from fashionbench.io import atomic_path, write_json
+from fashionbench.models import build_model, count_parameters, save_trained
+from fashionbench.models.registry import spec
 from fashionbench.params import Params, TrainRecipe
 from fashionbench.seeding import rng_state, seed_everything, set_rng_state
 
@@ -172,16 +177,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, images: Tensor, labels: Tensor,
                     recipe: TrainRecipe, gen: torch.Generator, *, mean: float, std: float,
                     runtime: Runtime, ema: EMA | None = None, epoch: int = 1,
-                    progress: tqdm | None = None) -> dict:
-    """One pass over a seeded permutation of (images uint8 (N,1,28,28), labels) on the device.
+                    epoch_images: int = 0, progress: tqdm | None = None) -> dict:
+    """One pass over a seeded permutation of (images uint8 (N,1,H,W), labels) on the device,
+    or over its first `epoch_images` images when that is set (the quick run).
 
     Returns train_loss, train_acc (against the unmixed labels), lr (at the end), images,
     epoch_time_s and images_per_s. Raises DivergedError on a non-finite loss.
     """
     model.train()
-    n, batch = len(labels), min(recipe.batch_size, len(labels))
+    n = min(len(labels), epoch_images or len(labels))
+    batch = min(recipe.batch_size, n)
     steps = steps_per_epoch(n, batch)
-    order = torch.randperm(n, generator=gen, device=gen.device)
+    order = torch.randperm(len(labels), generator=gen, device=gen.device)[:n]
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=images.device)
@@ -235,7 +242,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, mean: float, s
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, len(labels), batch_size):
-        x = (images[start:start + batch_size].float() / 255.0 - mean) / std
+        x = normalise(images[start:start + batch_size], mean, std)
         y = labels[start:start + batch_size]
         with runtime.autocast():
             logits = model(runtime.prepare_input(x)).float()
@@ -243,6 +250,118 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, mean: float, s
         correct += (logits.argmax(dim=1) == y).sum()
     model.train(was_training)
     return {"loss": float(loss_sum) / len(labels), "acc": int(correct) / len(labels)}
+
+
+# ---------------------------------------------------------------- precise batch norm
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, images: Tensor, *, mean: float, std: float, batch_size: int,
+               runtime: Runtime) -> int:
+    """Give every batch-norm layer the mean and variance of its inputs over `images` (uint8,
+    training data, no augmentation) under the final weights, and return the layers updated.
+
+    Running statistics are an average over the last few hundred steps; with a learning rate
+    that stays high they describe weights that no longer exist, and eval-mode accuracy can
+    fall far below the batch-statistics one. Each layer sees batch-normalised inputs as in
+    training (dropout and drop-path off); its statistics are exact over all `images`.
+    """
+    norms = _batch_norms(model)
+    if not norms:
+        return 0
+    sums: dict[nn.Module, list[Tensor]] = {}
+
+    def accumulate(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = x.numel() // x.shape[1]
+        stats = sums.setdefault(module, [torch.zeros(x.shape[1], device=x.device, dtype=torch.float64)
+                                         for _ in range(2)] + [0])
+        stats[0] += x.sum(dims).double()
+        stats[1] += (x * x).sum(dims).double()
+        stats[2] += count
+
+    was_training = model.training
+    model.eval()
+    hooks = [bn.register_forward_pre_hook(accumulate) for bn in norms]
+    for bn in norms:
+        bn.train()  # normalise by batch statistics, as in training
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalise(images[start:start + batch_size], mean, std)
+            with runtime.autocast():
+                model(runtime.prepare_input(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for bn in norms:
+        total, squares, count = sums[bn]
+        mu = total / count
+        var = (squares / count - mu * mu).clamp_(min=0) * (count / max(1, count - 1))
+        bn.running_mean.copy_(mu)
+        bn.running_var.copy_(var)
+    return len(norms)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root() -> Path:
+    """Where resumable checkpoints live: $FASHIONBENCH_CHECKPOINTS, else ~/.cache/fashionbench.
+
+    Outside the workspace on purpose: a checkpoint is a resume aid for one exact run, named
+    by its fingerprint (params, code, data), so it never makes DVC re-run or skip a stage,
+    and an experiment's temporary workspace resumes the same run just the same.
+    """
+    default = Path.home() / ".cache" / "fashionbench" / "checkpoints"
+    return Path(os.environ.get("FASHIONBENCH_CHECKPOINTS", default))
+
+
+class RunLockedError(UserError):
+    """Another process is training the same run."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the duration; refuse if another process has it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(
+                f"another process is training this run (lock {folder / 'lock'} is held): wait for "
+                "it or stop it (an interrupted `dvc repro` may have left it running)") from None
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
+    """The saved state, or None; an unreadable file is set aside with a warning naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or foreign: any unpickling error
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, training from epoch 0",
+                    path, type(err).__name__, err, aside)
+        return None
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:  # a kill mid-write leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
 # ---------------------------------------------------------------- the whole run
@@ -253,6 +372,7 @@ class FitResult:
     model: nn.Module  # the final weights (the EMA when enabled), eval mode
     history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
     device: str = "cpu"
+    precise_bn: dict = field(default_factory=dict)  # images, layers, eval accuracy before/after
 
     @property
     def wall_time_s(self) -> float:
@@ -273,36 +393,30 @@ def _code_digest(model: nn.Module) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def _fingerprint(model: nn.Module, model_name: str, arch: Any, recipe: TrainRecipe, seed: int,
-                 train: Split, val: Split | None, mean: float, std: float) -> str:
-    # A checkpoint resumes only the run that wrote it: same params, data and code.
+def fingerprint(model: nn.Module, model_name: str, arch: Any, recipe: TrainRecipe, seed: int,
+                train: Split, val: Split | None, mean: float, std: float, epoch_images: int) -> str:
+    """Names one exact run: same params, data and code. A checkpoint resumes only its run."""
     data = hashlib.sha256()
     for split in (train, val) if val is not None else (train,):
         data.update(split.images.tobytes())
         data.update(split.labels.tobytes())
     config = {"model": model_name, "arch": asdict(arch), "recipe": asdict(recipe), "seed": seed,
-              "data": data.hexdigest(), "mean": mean, "std": std, "code": _code_digest(model)}
+              "data": data.hexdigest(), "mean": mean, "std": std, "code": _code_digest(model),
+              "epoch_images": epoch_images}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
 def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Split | None, *,
-        mean: float, std: float, seed: int, checkpoint: Path | None = None,
-        on_epoch: EpochCallback | None = None, progress: bool = True) -> FitResult:
+        mean: float, std: float, seed: int, checkpoint_dir: Path | None = None,
+        epoch_images: int = 0, on_epoch: EpochCallback | None = None,
+        progress: bool = True) -> FitResult:
     """Train registry model `model_name` with `recipe` from seed `seed`.
 
-    Every `checkpoint_every` epochs and at the end, the full state (model, optimiser,
-    scheduler, EMA, RNG states, history) goes to `checkpoint`; a checkpoint written by the
-    same params and code is resumed (on CPU the result is bit-identical to an uninterrupted
-    run), any other is ignored with a warning. `on_epoch` receives each epoch's metrics
-    (epoch, train_loss, train_acc, [val_loss, val_acc], lr, epoch_time_s, images_per_s,
-    images, time_s), resumed epochs first, so a logger can rebuild complete curves.
+    With `checkpoint_dir`, the run's folder there (named by its fingerprint) is locked for
+    the duration, the full state (model, optimiser, scheduler, EMA, RNG, history) is saved
+    every `checkpoint_every` epochs, and an unfinished run resumes (on CPU bit-identical to an
+    uninterrupted one). A finished run deletes its checkpoint, so a forced re-run starts from
+    epoch 0. `on_epoch` receives each epoch's metrics, resumed epochs first.
     """
     runtime = make_runtime(recipe)
     gen = seed_everything(seed, runtime.device)
@@ -311,16 +425,19 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         model = model.to(memory_format=torch.channels_last)
     train_x, train_y = to_device(train, runtime.device)
     val_xy = to_device(val, runtime.device) if val is not None and len(val) else None
-    steps = steps_per_epoch(len(train), recipe.batch_size)
+    steps = steps_per_epoch(min(len(train), epoch_images or len(train)), recipe.batch_size)
     optimizer = make_optimizer(model, recipe, runtime.device)
     scheduler = make_scheduler(optimizer, recipe, steps)
     ema = EMA(model, recipe.ema) if recipe.ema else None
-    fingerprint = _fingerprint(model, model_name, arch, recipe, seed, train, val, mean, std)
-
-    history: list[dict] = []
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=runtime.device, weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
+    run_dir = None
+    if checkpoint_dir is not None:
+        run_dir = checkpoint_dir / fingerprint(model, model_name, arch, recipe, seed, train, val,
+                                               mean, std, epoch_images)[:16]
+    with run_lock(run_dir) if run_dir is not None else contextlib.nullcontext():
+        checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
+        history: list[dict] = []
+        saved = _load_checkpoint(checkpoint, runtime.device) if checkpoint is not None else None
+        if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -328,39 +445,71 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
                 ema.model.load_state_dict(saved["ema"])
             set_rng_state({k: _cpu(v) for k, v in saved["rng"].items()}, gen)
             history = saved["history"]
-            log.warning("resuming %s from epoch %d of %d", checkpoint, len(history), recipe.epochs)
-        else:
-            log.warning("ignoring %s: it was written by other params or code", checkpoint)
-    for metrics in history:
-        if on_epoch is not None:
-            on_epoch(metrics)
+            log.warning("resuming from %s at epoch %d of %d", checkpoint, len(history), recipe.epochs)
+        for metrics in history:
+            if on_epoch is not None:
+                on_epoch(metrics)
+        _train_epochs(model, optimizer, scheduler, ema, history, recipe, runtime, gen, train_x, train_y,
+                      val_xy, mean=mean, std=std, steps=steps, epoch_images=epoch_images,
+                      checkpoint=checkpoint, on_epoch=on_epoch, progress=progress)
+        final = ema.model if ema is not None else model
+        bn = _precise_bn(final, train_x, train_y, recipe, runtime, gen, mean, std)
+        if run_dir is not None:  # finished: a forced re-run starts from epoch 0
+            checkpoint.unlink(missing_ok=True)
+            (run_dir / "lock").unlink(missing_ok=True)
+    return FitResult(final.eval(), history, runtime.describe(), bn)
 
+
+def _train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None,
+                  history: list[dict], recipe: TrainRecipe, runtime: Runtime, gen: torch.Generator,
+                  train_x: Tensor, train_y: Tensor, val_xy: tuple[Tensor, Tensor] | None, *,
+                  mean: float, std: float, steps: int, epoch_images: int, checkpoint: Path | None,
+                  on_epoch: EpochCallback | None, progress: bool) -> None:
+    """The epochs not in `history` yet, appended to it, with checkpoints and progress."""
     forward = torch.compile(model) if recipe.compile else model
     final = ema.model if ema is not None else model
-    total = recipe.epochs * steps * min(recipe.batch_size, len(train))
-    with tqdm(total=total, initial=len(history) * total // recipe.epochs, unit="img", unit_scale=True,
-              desc=model_name, disable=None if progress else True) as bar:  # None: off when not a TTY
+    per_epoch = steps * min(recipe.batch_size, len(train_y))
+    with tqdm(total=recipe.epochs * per_epoch, initial=len(history) * per_epoch, unit="img",
+              unit_scale=True, disable=None if progress else True) as bar:  # None: off when not a TTY
         for epoch in range(len(history) + 1, recipe.epochs + 1):
             start = time.perf_counter()
             metrics = {"epoch": epoch, **train_one_epoch(
                 forward, optimizer, scheduler, train_x, train_y, recipe, gen, mean=mean, std=std,
-                runtime=runtime, ema=ema, epoch=epoch, progress=bar)}
+                runtime=runtime, ema=ema, epoch=epoch, epoch_images=epoch_images, progress=bar)}
             if val_xy is not None:
                 scores = evaluate(final, *val_xy, mean=mean, std=std,
                                   batch_size=recipe.eval_batch_size, runtime=runtime)
                 metrics |= {"val_loss": scores["loss"], "val_acc": scores["acc"]}
             metrics["time_s"] = time.perf_counter() - start
             history.append(metrics)
-            if checkpoint is not None and (epoch % recipe.checkpoint_every == 0 or epoch == recipe.epochs):
+            if checkpoint is not None and epoch % recipe.checkpoint_every == 0 and epoch < recipe.epochs:
                 _save_checkpoint(checkpoint, {
-                    "fingerprint": fingerprint, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "ema": ema.model.state_dict() if ema is not None else None,
                     "rng": rng_state(gen), "history": history})
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k.endswith(("loss", "acc"))})
             if on_epoch is not None:
                 on_epoch(metrics)
-    return FitResult(final.eval(), history, runtime.describe())
+
+
+def _precise_bn(model: nn.Module, train_x: Tensor, train_y: Tensor, recipe: TrainRecipe,
+                runtime: Runtime, gen: torch.Generator, mean: float, std: float) -> dict:
+    """Run precise_bn on a seeded sample of `recipe.precise_bn` training images and measure
+    eval-mode accuracy on the same images before and after (training data only)."""
+    if not recipe.precise_bn or not _batch_norms(model):
+        return {}
+    start = time.perf_counter()
+    pick = torch.randperm(len(train_y), generator=gen, device=gen.device)[:recipe.precise_bn]
+    images, labels = train_x[pick], train_y[pick]
+    kw = {"mean": mean, "std": std, "batch_size": recipe.eval_batch_size, "runtime": runtime}
+    before = evaluate(model, images, labels, **kw)["acc"]
+    layers = precise_bn(model, images, **kw)
+    after = evaluate(model, images, labels, **kw)["acc"]
+    return {"precise_bn_images": len(labels), "precise_bn_layers": layers,
+            "precise_bn_train_acc_before": before, "precise_bn_train_acc_after": after,
+            "precise_bn_time_s": round(time.perf_counter() - start, 3)}
 
 
 def _cpu(value: Any) -> Any:
@@ -370,28 +519,49 @@ def _cpu(value: Any) -> Any:
     return [v.cpu() for v in value]
 
 
-def train_and_save(run: str, params: Params, data: Prepared, seed: int, run_dir: Path,
+def describe_recipe(recipe: TrainRecipe, epoch_images: int = 0) -> str:
+    """One line saying how a deep row was trained, for tables."""
+    words = [recipe.optimizer, recipe.schedule]
+    if recipe.label_smoothing:
+        words.append(f"LS {recipe.label_smoothing:g}")
+    aug = recipe.augment
+    parts = [f"crop pad {aug.crop_pad}" if aug.crop_pad else "", f"translate {aug.translate:g}" if aug.translate else "",
+             f"hflip {aug.hflip:g}" if aug.hflip else "",
+             f"jitter {aug.jitter:g} p {aug.jitter_p:g}" if aug.jitter and aug.jitter_p else "",
+             f"erase p {aug.erase_p:g}" if aug.erase_p else "", f"cutout {aug.cutout}" if aug.cutout else "",
+             f"mixup {aug.mixup:g}" if aug.mixup else "", f"cutmix {aug.cutmix:g}" if aug.cutmix else ""]
+    augment = ", ".join(p for p in parts if p) or "no augmentation"
+    images = f" of {epoch_images} images" if epoch_images else ""
+    return (f"{' '.join(words)} lr {recipe.lr:g}, batch {recipe.batch_size}; {augment}; "
+            f"{recipe.epochs} epoch{'s' if recipe.epochs > 1 else ''}{images}")
+
+
+def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir: Path,
                    metrics_path: Path, *, on_epoch: EpochCallback | None = None,
                    progress: bool = True) -> dict:
-    """Train deep model section `run` (cnn, resnet7, mlp, wrn, se_wrn) for one seed.
+    """Train deep row `row` (cnn, resnet7, mlp, wrn, se_wrn, ...) for one seed.
 
-    Writes run_dir/model.pt (resuming from run_dir/checkpoint.pt) and the metrics JSON, and
-    returns the metrics. Only the train and validation splits are used.
+    Writes run_dir/model.pt and the metrics JSON, and returns the metrics. Only the train
+    and validation splits are used.
     """
-    recipe = params.recipe(run)
-    arch = model_arch(params, run)
-    result = fit(recipe.model, arch, recipe, data.train, data.val, mean=data.mean, std=data.std,
-                 seed=seed, checkpoint=run_dir / "checkpoint.pt", on_epoch=on_epoch, progress=progress)
-    save_trained(run_dir / "model.pt", result.model, recipe.model, arch, mean=data.mean,
-                 std=data.std, seed=seed, epochs=recipe.epochs)
+    recipe, epoch_images = params.recipe(row), params.epoch_images(row)
+    result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
+                 std=data.std, seed=seed, checkpoint_dir=checkpoint_root(), epoch_images=epoch_images,
+                 on_epoch=on_epoch, progress=progress)
+    save_trained(run_dir / "model.pt", result.model, recipe.model, recipe.arch, mean=data.mean,
+                 std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip)
     last = result.history[-1]
     metrics = {
-        "run": f"{run}-seed{seed}", "model": recipe.model, "parameters": count_parameters(result.model),
-        "epochs": recipe.epochs, "train_size": len(data.train), "wall_time_s": round(result.wall_time_s, 3),
-        "train_images_per_s": round(result.images_per_s, 1), "device": result.device,
-        "torch_version": torch.__version__, "seed": seed, "quick": params.quick,
+        "run": f"{row}-seed{seed}", "model": recipe.model,
+        "architecture": spec(recipe.model).summary(recipe.arch),
+        "recipe": describe_recipe(recipe, epoch_images),
+        "parameters": count_parameters(result.model), "epochs": recipe.epochs,
+        "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
+        "wall_time_s": round(result.wall_time_s, 3), "train_images_per_s": round(result.images_per_s, 1),
+        **machine.describe(result.device), "torch_version": torch.__version__, "seed": seed,
+        "quick": params.quick, "trained_with_flips": recipe.augment.hflip > 0,
         **{k: last[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in last},
+        **result.precise_bn,
     }
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics_path, metrics)
     return metrics

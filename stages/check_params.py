@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from fashionbench.cli import user_errors
+from fashionbench.io import write_text
 from fashionbench.params import PARAMS_FILE, load_params
 
 MARKER = Path("data/params-checked")
@@ -20,8 +21,7 @@ def main(params: Path = PARAMS_FILE, marker: Path = MARKER) -> None:
     """Load and validate params.yaml; write the marker file the other stages depend on."""
     with user_errors():
         load_params(params)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("params.yaml is valid\n")
+    write_text(marker, "params.yaml is valid\n")
 
 
 if __name__ == "__main__":

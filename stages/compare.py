@@ -1,18 +1,19 @@
-"""Stage compare: the results table across all runs, the ensemble row, figures, README table."""
+"""Stage compare: the results table of the runs params.yaml defines, the ensemble, figures."""
 
 from pathlib import Path
 
 import typer
 
 from fashionbench.cli import user_errors
-from fashionbench.params import PARAMS_FILE, load_params
+from fashionbench.params import PARAMS_FILE, load_plan
 from fashionbench.report import compare, results_table
 
 
 def main(params: Path = PARAMS_FILE) -> None:
-    """Write metrics/compare.json, reports/results.md, plots/compare/ and README.md's table."""
+    """Write metrics/compare.json, reports/results.md and plots/compare/; print the table.
+    `python -m fashionbench.readme` then copies the table into README.md."""
     with user_errors():
-        table = compare(load_params(params))
+        table = compare(load_plan(params))
     typer.echo(results_table(table))
 
 

@@ -13,9 +13,9 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
          out: Path = Path("data/prepared")) -> None:
     """Write data/prepared/: uint8 arrays and the training part's mean and std."""
     with user_errors():
-        cfg = load_params(params).preprocess
+        sizes = load_params(params).sizes()
         train, test = load_raw(raw)
-    prepared = prepare(train, test, cfg.validation_size, cfg.subset_size, cfg.seed)
+    prepared = prepare(train, test, sizes)
     save_prepared(prepared, out)
     val = len(prepared.val) if prepared.val is not None else 0
     typer.echo(f"train {len(prepared.train)}, validation {val}, test {len(prepared.test)}; "

@@ -1,12 +1,12 @@
 """Stage stats: class balance, pixel statistics and exploratory figures."""
 
-import json
 from pathlib import Path
 
 import typer
 
 from fashionbench.cli import user_errors
 from fashionbench.data import load_raw
+from fashionbench.io import write_json
 from fashionbench.params import PARAMS_FILE, load_params
 from fashionbench.stats import summary, write_figures
 
@@ -17,9 +17,8 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
     with user_errors():
         config = load_params(params)
         train, test = load_raw(raw)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary(train, test), indent=2) + "\n")
-    write_figures(train, config.stats, config.seed, plots)
+    write_json(metrics, summary(train, test))
+    write_figures(train, config.stats_sizes(), config.seed, plots)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Stage train_<model>: train one deep model for one seed.
 
-    python -m stages.train cnn --seed 0      # model: cnn | resnet7 | mlp | wrn | se_wrn
+    python -m stages.train cnn --seed 0      # row: a deep section of params.yaml
 
-Writes models/<model>/seed<N>/model.pt (resuming from checkpoint.pt beside it),
-metrics/train/<model>-seed<N>.json and DVCLive curves under plots/train/<model>-seed<N>/.
+Writes models/<row>/seed<N>/model.pt, metrics/train/<row>-seed<N>.json and DVCLive curves
+under plots/train/<row>-seed<N>/. An interrupted run resumes from its checkpoint (kept
+outside the workspace, see fashionbench.train.checkpoint_root).
 """
 
 from pathlib import Path
 
 import typer
 
-from fashionbench.cli import user_errors
+from fashionbench.cli import stop_with_dvc, user_errors
 from fashionbench.data import load_prepared
 from fashionbench.params import PARAMS_FILE, load_params
 from fashionbench.train import train_and_save
@@ -20,7 +21,7 @@ CURVES = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val
           "val_acc": "val/acc", "lr": "lr", "images_per_s": "images_per_s"}
 
 
-def main(model: str = typer.Argument(..., help="cnn | resnet7 | mlp | wrn | se_wrn"),
+def main(model: str = typer.Argument(..., help="a deep row of params.yaml: cnn, resnet7, mlp, wrn, ..."),
          seed: int = typer.Option(0, help="training seed (weights, data order, augmentation)"),
          params: Path = PARAMS_FILE, prepared: Path = Path("data/prepared"),
          models: Path = Path("models"), metrics: Path = Path("metrics/train"),
@@ -29,6 +30,7 @@ def main(model: str = typer.Argument(..., help="cnn | resnet7 | mlp | wrn | se_w
     from dvclive import Live
 
     run_id = f"{model}-seed{seed}"
+    stop_with_dvc()
     with user_errors():
         config = load_params(params)
         config.recipe(model)  # an unknown model fails before anything is written

@@ -1,4 +1,4 @@
-"""The model registry: every deep model is built from its name and its architecture params.
+"""Building and saving registered models (the registry itself: models/registry.py).
 
 build_model(name, arch) is the only constructor the stages use; load_trained(path) rebuilds a
 saved model.pt (see save_trained for its format).
@@ -8,28 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from fashionbench.dataset import CLASSES, INPUT_SHAPE
 from fashionbench.errors import UserError
-from fashionbench.models.cnn import CNN
-from fashionbench.models.mlp import MLP
-from fashionbench.models.resnet7 import ResNet7
-from fashionbench.models.wrn import WideResNet, WRNConfig
-from fashionbench.params import CNNArch, MLPArch, Params, ResNet7Arch
-
-INPUT_SHAPE = [1, 28, 28]
-NUM_CLASSES = 10
-
-# name -> (model class, architecture dataclass)
-REGISTRY: dict[str, tuple[Callable[..., nn.Module], type]] = {
-    "cnn": (CNN, CNNArch),
-    "resnet7": (ResNet7, ResNet7Arch),
-    "mlp": (MLP, MLPArch),
-    "wrn": (WideResNet, WRNConfig),
-}
+from fashionbench.io import atomic_path
+from fashionbench.models.registry import REGISTRY, spec  # noqa: F401 (REGISTRY re-exported)
 
 
 class TrainedModelError(UserError):
@@ -37,32 +24,21 @@ class TrainedModelError(UserError):
 
 
 def build_model(name: str, arch: Any) -> nn.Module:
-    """A freshly initialised model `name` (cnn, resnet7, mlp, wrn) mapping (B,1,28,28) to (B,10).
+    """A freshly initialised registered model `name` mapping (B, *INPUT_SHAPE) to (B, CLASSES).
 
-    `arch` is the model's architecture dataclass (for wrn a WRNConfig) or an equivalent dict.
+    `arch` is the model's architecture dataclass or an equivalent dict.
     """
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
-    model_cls, arch_cls = REGISTRY[name]
+    model_spec = spec(name)
     if isinstance(arch, dict):
-        arch = arch_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
-    if not isinstance(arch, arch_cls):
-        raise TypeError(f"model {name!r} needs a {arch_cls.__name__}, got {type(arch).__name__}")
-    return model_cls(arch, INPUT_SHAPE[0], NUM_CLASSES)
+        arch = model_spec.arch(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+    if not isinstance(arch, model_spec.arch):
+        raise TypeError(f"model {name!r} needs a {model_spec.arch.__name__}, got {type(arch).__name__}")
+    return model_spec.build(arch, INPUT_SHAPE[0], CLASSES)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def model_arch(params: Params, run: str) -> Any:
-    """The resolved architecture of training section `run`: wrn and se_wrn combine `model:`
-    (depth, widen, dropout) with their own `arch:` variant."""
-    recipe = params.recipe(run)
-    if recipe.model == "wrn":
-        return WRNConfig.combine(params.model, recipe.arch)
-    return recipe.arch
 
 
 def _plain(arch: Any) -> dict:
@@ -71,13 +47,15 @@ def _plain(arch: Any) -> dict:
 
 
 def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: float, std: float,
-                 seed: int, epochs: int) -> None:
-    """Write model.pt: weights plus everything load_trained needs to rebuild the model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+                 seed: int, epochs: int, hflip: float) -> None:
+    """Write model.pt (atomically): weights plus everything load_trained and evaluation need
+    (`hflip`: the training flip probability, which decides whether flip TTA is sound)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": name, "arch": _plain(arch), "state_dict": state,
-                "input_shape": INPUT_SHAPE, "num_classes": NUM_CLASSES,
-                "mean": float(mean), "std": float(std), "seed": int(seed), "epochs": int(epochs)}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": name, "arch": _plain(arch), "state_dict": state,
+                    "input_shape": list(INPUT_SHAPE), "num_classes": CLASSES, "mean": float(mean),
+                    "std": float(std), "seed": int(seed), "epochs": int(epochs),
+                    "hflip": float(hflip)}, tmp)
 
 
 def _train_stage(path: Path) -> str:
@@ -99,10 +77,10 @@ def load_trained(path: Path | str, device: str | torch.device = "cpu") -> tuple[
     except Exception as err:  # truncated or foreign file: any unpickling error
         raise TrainedModelError(f"{path} is not a readable model file ({err}): {rerun}") from err
     meta = {k: v for k, v in saved.items() if k != "state_dict"}
-    if list(meta.get("input_shape", [])) != INPUT_SHAPE or meta.get("num_classes") != NUM_CLASSES:
+    if list(meta.get("input_shape", [])) != list(INPUT_SHAPE) or meta.get("num_classes") != CLASSES:
         raise TrainedModelError(
             f"{path} was trained for input {meta.get('input_shape')} and {meta.get('num_classes')} "
-            f"classes, not {INPUT_SHAPE} and {NUM_CLASSES}: {rerun}")
+            f"classes, not {list(INPUT_SHAPE)} and {CLASSES}: {rerun}")
     try:
         model = build_model(meta["model"], meta["arch"])
         model.load_state_dict(saved["state_dict"])

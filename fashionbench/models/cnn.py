@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from fashionbench.params import CNNArch
+from fashionbench.dataset import IMAGE_SIDE
+from fashionbench.models.registry import register
+from fashionbench.params import _require
 
 
+@dataclass(frozen=True)
+class CNNArch:
+    dropout: float      # before the last layer
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@register("cnn", CNNArch, summary=lambda a: f"2-conv CNN, dropout {a.dropout:g}")
 class CNN(nn.Module):
     """conv32-relu-pool, conv64-relu-pool, fc256-relu-dropout, fc10: 824,458 parameters.
 
@@ -20,7 +33,7 @@ class CNN(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(64 * (IMAGE_SIDE // 4) ** 2, 256), nn.ReLU(inplace=True),
             nn.Dropout(arch.dropout), nn.Linear(256, num_classes),
         )
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from fashionbench.params import ResNet7Arch
+from fashionbench.models.registry import register
+from fashionbench.params import _require
+
+
+@dataclass(frozen=True)
+class ResNet7Arch:
+    width: int          # channels of both stages
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 1, "width", "must be >= 1")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -26,6 +37,7 @@ class ResidualBlock(nn.Module):
         return self.relu(x + self.branch(x))
 
 
+@register("resnet7", ResNet7Arch, summary=lambda a: f"ResNet-7, width {a.width}")
 class ResNet7(nn.Module):
     """conv-bn-relu, block, maxpool, conv-bn-relu, block, global average pool, fc.
 

@@ -8,25 +8,38 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fashionbench.params import WRNShape, WRNVariant
+from fashionbench.models.registry import register
+from fashionbench.params import _require
 
 
 @dataclass(frozen=True)
 class WRNConfig:
-    """A resolved WRN: the shared `model:` shape plus a stage's `arch:` variant."""
+    """A WRN's whole architecture. params.yaml's shared `model:` section gives depth, widen
+    and dropout to every WRN row; a row's `arch:` gives the variant (and may override)."""
 
-    depth: int
-    widen: int
-    dropout: float
-    block: Literal["post", "pre"]
-    se_reduction: int
-    drop_path: float
-    drop_path_mode: Literal["sample", "batch"]
+    depth: int                                 # layers, 6n+4
+    widen: int                                 # width multiplier k (channels 16k, 32k, 64k)
+    dropout: float                             # inside each residual block
+    block: Literal["post", "pre"]              # activation order
+    se_reduction: int                          # squeeze-excitation reduction; 0 = no SE
+    drop_path: float                           # max residual-branch drop probability
+    drop_path_mode: Literal["sample", "batch"]  # per image (rescaled) | the seed's block skip
 
-    @classmethod
-    def combine(cls, shape: WRNShape, variant: WRNVariant) -> WRNConfig:
-        return cls(shape.depth, shape.widen, shape.dropout, variant.block,
-                   variant.se_reduction, variant.drop_path, variant.drop_path_mode)
+    def __post_init__(self) -> None:
+        _require(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth",
+                 f"{self.depth} is impossible: a WRN depth is 6n+4 (10, 16, 22, 28, 34, 40, ...)")
+        _require(self.widen >= 1, "widen", "must be >= 1")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(self.se_reduction >= 0, "se_reduction", "must be >= 0 (0 = no SE)")
+        _require(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
+
+
+def _summary(cfg: WRNConfig) -> str:
+    name = f"{'SE-' if cfg.se_reduction else ''}WRN-{cfg.depth}-{cfg.widen} {cfg.block}-act"
+    extras = [f"dropout {cfg.dropout:g}"] if cfg.dropout else []
+    if cfg.drop_path:
+        extras.append(f"drop-path {cfg.drop_path:g} ({cfg.drop_path_mode})")
+    return ", ".join([name, *extras])
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -92,6 +105,7 @@ class Block(nn.Module):
         return out if self.pre else torch.relu(out)
 
 
+@register("wrn", WRNConfig, summary=_summary, shared="model")
 class WideResNet(nn.Module):
     """WRN-depth-widen (depth = 6n + 4): a 3x3 stem of 16 channels, three stages of n blocks
     with 16k, 32k and 64k channels (strides 1, 2, 2: 28 -> 14 -> 7), global pool and fc.

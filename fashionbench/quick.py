@@ -1,0 +1,101 @@
+"""The quick run: the whole DAG at small scale, as a check that never touches the results.
+
+    python -m fashionbench.quick                    # run it, print its table and the diff
+    python -m fashionbench.quick --update-baseline  # and make it the new CI baseline
+
+It is `dvc exp run --temp -S quick=true` under a name: DVC runs every stage in a temporary
+copy of the workspace, so the committed metrics, dvc.lock and `git status` stay as they were,
+and the run stays listed in `dvc exp show`. The quick run's table is then compared with
+reports/quick-baseline.json, row by row, and the command fails when a row's accuracy fell
+by more than compare.tolerance: the CI gate. A workspace with uncommitted changes is refused
+(the experiment would silently include them) unless --allow-dirty says that is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import typer
+
+from fashionbench.cli import user_errors
+from fashionbench.errors import UserError
+from fashionbench.gate import accuracy_drops, diff_table
+from fashionbench.io import write_json
+from fashionbench.params import PARAMS_FILE, load_plan
+from fashionbench.report import results_table
+
+BASELINE = Path("reports/quick-baseline.json")
+DROP_EXIT = 1
+# DVC commits each experiment; a machine without a git identity still gets one for that.
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "fashionbench", "GIT_AUTHOR_EMAIL": "quick@fashionbench",
+                "GIT_COMMITTER_NAME": "fashionbench", "GIT_COMMITTER_EMAIL": "quick@fashionbench"}
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise UserError(f"`git {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def uncommitted() -> list[str]:
+    """Tracked files with uncommitted changes."""
+    return [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+
+
+def run_experiment(name: str, overrides: list[str]) -> dict:
+    """`dvc exp run --temp -S quick=true` named `name`; its metrics/compare.json."""
+    command = ["dvc", "exp", "run", "--temp", "--name", name, "-S", "quick=true"]
+    for override in overrides:
+        command += ["-S", override]
+    typer.echo("$ " + " ".join(command))
+    env = {**GIT_IDENTITY, **os.environ}
+    if subprocess.run(command, env=env, check=False).returncode != 0:
+        raise UserError(f"the quick run failed (`{' '.join(command)}`): see the stage output above; "
+                        "the committed results are untouched")
+    refs = [r for r in _git("for-each-ref", "--format=%(refname)", "refs/exps").split()
+            if r.rsplit("/", 1)[-1] == name]
+    if not refs:
+        raise UserError(f"experiment {name} ran but no ref refs/exps/.../{name} was found")
+    return json.loads(_git("show", f"{refs[0]}:metrics/compare.json"))
+
+
+def main(update_baseline: bool = typer.Option(False, help="write this run's table to the baseline"),
+         allow_dirty: bool = typer.Option(False, help="run with uncommitted changes included"),
+         set_: list[str] = typer.Option([], "--set", "-S", help="extra -S override, e.g. model.depth=16"),
+         baseline: Path = BASELINE, params: Path = PARAMS_FILE) -> None:
+    """Run the quick check, print its table and its diff against the baseline; exit 1 on a drop."""
+    with user_errors():
+        changed = uncommitted()
+        if changed and not allow_dirty:
+            raise UserError("uncommitted changes to " + ", ".join(changed) + ": the quick run would "
+                            "include them. Commit or stash them, or pass --allow-dirty to check "
+                            "them (nothing of yours is touched either way)")
+        tolerance = load_plan(params).tolerance
+        start = time.perf_counter()
+        table = run_experiment(f"quick-{time.strftime('%Y%m%d-%H%M%S')}", set_)
+        minutes = (time.perf_counter() - start) / 60
+        typer.echo(f"\nquick run: {minutes:.1f} min\n\n{results_table(table)}")
+        if update_baseline:
+            write_json(baseline, table)
+            typer.echo(f"wrote {baseline}: commit it to make this the CI baseline")
+            return
+        if not baseline.is_file():
+            raise UserError(f"{baseline} not found: create it with --update-baseline")
+        old = json.loads(baseline.read_text())
+    typer.echo(diff_table(old, table))
+    problems = accuracy_drops(old, table, tolerance)
+    if problems:
+        typer.echo(f"error: accuracy dropped by more than {tolerance} against {baseline}:", err=True)
+        for line in problems:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(DROP_EXIT)
+    typer.echo(f"ok: no row's accuracy dropped by more than {tolerance} against {baseline}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
