@@ -203,7 +203,8 @@ def prepare(train: Split, test: Split, sizes: Sizes) -> Prepared:
 
 
 def save_prepared(prepared: Prepared, out_dir: Path) -> None:
-    """Write the arrays and the normalisation stats, each atomically."""
+    """Write the arrays and the normalisation stats, each atomically (a pair half-replaced by
+    a full disk between the two writes is caught by load_prepared)."""
     out_dir = Path(out_dir)
     arrays = {"train_x": prepared.train.images, "train_y": prepared.train.labels.astype(np.uint8),
               "test_x": prepared.test.images, "test_y": prepared.test.labels.astype(np.uint8)}
@@ -242,6 +243,9 @@ def load_prepared(prepared_dir: Path = Path("data/prepared")) -> Prepared:
     for name in ("train", "test"):
         if name not in splits or splits[name].images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
             raise DataError(f"{arrays_path} has no valid {name} split: {REBUILD_PREPARED}")
-    if stats.get("train") != len(splits["train"]) or not std > 0:
+    # The stats must be those of these arrays: same split sizes, same training-pixel mean.
+    counts = {name: len(splits[name]) if name in splits else 0 for name in ("train", "val", "test")}
+    train_mean = float(splits["train"].images.mean(dtype=np.float64)) / 255.0
+    if any(stats.get(k) != n for k, n in counts.items()) or not std > 0 or abs(train_mean - mean) > 1e-9:
         raise DataError(f"{stats_path} does not match {arrays_path}: {REBUILD_PREPARED}")
     return Prepared(splits["train"], splits.get("val"), splits["test"], mean, std)

@@ -27,7 +27,7 @@ def accuracy_drops(old: dict, new: dict, tolerance: float) -> list[str]:
             continue  # nothing to drop from
         if after is None:
             problems.append(f"{row}: accuracy was {before:.4f} and is now missing")
-        elif before - after > tolerance:
+        elif round(before - after, 9) > tolerance:  # 0.85 - 0.83 is 0.020000000000000018
             problems.append(f"{row}: accuracy {before:.4f} -> {after:.4f} ({after - before:+.4f})")
     return problems
 

@@ -363,8 +363,9 @@ class Params:
             raise ParamsError(row, f"no such training section; deep rows: {', '.join(self.recipes)}")
         recipe = self.recipes[row]
         if self.quick:
-            recipe = dataclasses.replace(
-                recipe, epochs=min(recipe.epochs, self.quick_scale.epochs),
+            epochs = min(recipe.epochs, self.quick_scale.epochs)
+            recipe = dataclasses.replace(  # warmup keeps its fraction of the schedule
+                recipe, epochs=epochs, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs,
                 precise_bn=min(recipe.precise_bn, self.epoch_images(row)))
         return recipe
 
@@ -422,23 +423,50 @@ def resolve(raw: Mapping[str, Any]) -> dict:
     out = {k: v for k, v in raw.items() if k in TOP_LEVEL}
     for key in ("svm_defaults", "train_defaults", "model"):
         _require(isinstance(raw.get(key), Mapping), key, "missing section: add it to params.yaml")
+    # A typo in a defaults section is named there, not in the first recipe inheriting it.
+    _check_keys(raw["svm_defaults"], SVM, "svm_defaults")
+    _check_keys(raw["train_defaults"], TrainRecipe, "train_defaults")
     svm = raw.get("svm")
     _require(isinstance(svm, Mapping), "svm", "must be a mapping of named recipes")
     out["svm"] = {name: merge(raw["svm_defaults"], recipe or {}, f"svm.{name}")
                   for name, recipe in svm.items()}
-    out["recipes"] = {}
-    for row, section in rows.items():
-        merged = merge(raw["train_defaults"], section, row)
-        try:
-            shares = shared_sections(section["model"])
-        except UnknownModelError as err:
-            raise ParamsError(f"{row}.model", str(err)) from None
-        if shares:  # e.g. the WRN family reads `model:` too
-            merged["arch"] = merge(raw["model"], merged.get("arch") or {}, f"{row}.arch", strict=False)
-        out["recipes"][row] = merged
+    out["recipes"] = {row: _deep_recipe(row, section, raw) for row, section in rows.items()}
     for key in ("svm_defaults", "train_defaults", "model"):
         out.pop(key, None)
     return out
+
+
+def _deep_recipe(row: str, section: Mapping[str, Any], raw: Mapping[str, Any]) -> TrainRecipe:
+    """Deep row `row`: train_defaults, the shared `model:` shape for the models that read it
+    (the WRN family), then the row's own section; errors name keys as params.yaml spells them."""
+    from fashionbench.models.registry import UnknownModelError, arch_type, shared_sections
+
+    try:
+        shares = shared_sections(section["model"])
+    except UnknownModelError as err:
+        raise ParamsError(f"{row}.model", str(err)) from None
+    merged = merge(raw["train_defaults"], section, row)
+    if shares:
+        _check_keys(raw["model"], arch_type(section["model"]), "model")
+        merged["arch"] = merge(raw["model"], merged.get("arch") or {}, f"{row}.arch")
+    try:
+        return _build(TrainRecipe, merged, row)
+    except ParamsError as err:
+        key = err.key.removeprefix(f"{row}.arch.")
+        if shares and key in raw["model"] and key not in (section.get("arch") or {}):
+            raise ParamsError(f"model.{key}", err.problem) from None  # the shared value is wrong
+        raise
+
+
+def _check_keys(section: Mapping[str, Any], cls: type, where: str) -> None:
+    """Every key of `section` (recursively into dataclass-typed fields) is a field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        if key not in hints:
+            raise ParamsError(f"{where}.{key}", "unknown key" + _did_you_mean(str(key), hints)
+                              + f"; valid keys: {', '.join(hints)}")
+        if is_dataclass(hints[key]) and isinstance(value, Mapping):
+            _check_keys(value, hints[key], f"{where}.{key}")
 
 
 @dataclass(frozen=True)
@@ -480,17 +508,15 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
                 compare.ensemble, compare.tolerance)
 
 
-def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str,
-          strict: bool = True) -> dict:
-    """`overrides` laid over `defaults`, mappings merged key by key. With `strict`, a key the
-    defaults lack is an error unless the defaults lack its whole mapping (e.g. a recipe's
-    `arch`); the dataclass check then names any unknown key."""
+def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:
+    """`overrides` laid over `defaults`, mappings merged key by key (the dataclass built from
+    the result then names any unknown key, under `where`)."""
     merged = copy.deepcopy(dict(defaults))
     if not isinstance(overrides, Mapping):
         raise ParamsError(where, f"must be a mapping, got {overrides!r}")
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value, f"{where}.{key}", strict)
+            merged[key] = merge(merged[key], value, f"{where}.{key}")
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -529,7 +555,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if is_dataclass(hint):
-        return _build(hint, value, where)
+        return value if isinstance(value, hint) else _build(hint, value, where)
     if origin is Literal:
         if value not in args:
             raise ParamsError(where, f"{value!r} is not one of {', '.join(map(repr, args))}")

@@ -34,9 +34,11 @@ SEED_REPORTED = {
     "mlp": "0.851 (2nd report)", "wrn": "0.9573 (WRN-40-4)", "se_wrn": "0.9602 (SE-WRN-40-4)",
 }
 
-# How long a row nobody has run at full scale would take, measured per epoch: WRN-40-4 on the
-# 2-core development CPU (AMD EPYC, fp32), and the seed report's GPU for its SE-WRN-40-4.
+# How long a row nobody has run at full scale would take. Seconds per epoch of WRN-40-4 on the
+# 2-core development CPU (about 1 GMAC per image forward, ~20 GFLOP/s in fp32) and on the
+# seed report's GPU (its 15 s/epoch); the rbf_scaled fit was timed at 54 min on one core.
 NOT_RUN_EPOCH_S = {"wrn": (1020, 15), "se_wrn": (1100, 15)}
+NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: list[RunResult]) -
             recipe += f" ({', '.join(absent)}: not run)"
         train = {"recipe": recipe, "parameters": sum(p.train.get("parameters", 0) for p in parts),
                  "wall_time_s": sum(_train_s(p) or 0 for p in parts), "quick": parts[0].train.get("quick"),
-                 "hardware": _join(p.train.get("hardware") for p in parts)}
+                 "hardware": _join(p.train.get("hardware") for p in parts),
+                 "device": _join(p.train.get("device") for p in parts)}
         out.append(RunResult(f"{ENSEMBLE}-seed{seed}", ENSEMBLE, seed, accuracy, macro_f1,
                              class_accuracy, train))
     return out
@@ -168,6 +171,7 @@ def summarise(runs: list[RunResult], missing: list[str], plan: Plan) -> dict:
         times = [t for t in (_train_s(r) for r in group) if t is not None]
         table[row] = {
             "runs": len(group), "seeds": [r.seed for r in group if r.seed is not None],
+            "not_run_ids": [m for m in missing if plan.row_of(m) == row],
             "parameters": first.train.get("parameters"), "recipe": _recipe(first),
             "accuracy": accuracy, "accuracy_std": accuracy_std,
             "macro_f1": macro_f1, "macro_f1_std": macro_f1_std,
@@ -195,7 +199,7 @@ def _hardware(train: dict) -> str | None:
 def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
     stages = " ".join(f"evaluate@{r.replace('-seed', '-')}" if not row.startswith("svm-")
                       else f"evaluate_svm@{row[4:]}" for r in run_ids)
-    estimate = "-"
+    estimate = NOT_RUN_ESTIMATE.get(row, "time not measured")
     if row in NOT_RUN_EPOCH_S and row in plan.epochs:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
         epochs = plan.epochs[row]
@@ -217,6 +221,8 @@ def _with_spread(entry: dict, key: str) -> str:
     text = f"{entry[key]:.4f}"
     if entry["runs"] > 1:
         text += f" ± {entry[key + '_std']:.4f} ({entry['runs']} seeds)"
+    if entry.get("not_run_ids"):
+        text += f" ({', '.join(entry['not_run_ids'])} not run)"
     return text
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionbench.data import CLASS_NAMES, Split
+from fashionbench.io import save_figure
 from fashionbench.params import Stats
 
 
@@ -64,8 +65,7 @@ def _sprite(train: Split, per_class: int, seed: int, path: Path) -> None:
             ax.set_yticks([])
         axes[label, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"Fashion-MNIST training samples ({per_class} per class)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _class_means(train: Split, path: Path) -> None:
@@ -78,8 +78,7 @@ def _class_means(train: Split, path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Mean training image per class")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _embedding(train: Split, method: str, size: int, seed: int, perplexity: float, path: Path) -> None:
@@ -106,8 +105,7 @@ def _embedding(train: Split, method: str, size: int, seed: int, perplexity: floa
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
     ax.legend(markerscale=4, fontsize=8, loc="best")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _histogram(train: Split, path: Path) -> None:
@@ -120,5 +118,4 @@ def _histogram(train: Split, path: Path) -> None:
     ax.set_title("Pixel intensity histogram, all training images")
     ax.set_xlabel("pixel value (0-255)")
     ax.set_ylabel("pixels (log scale)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics.pairwise import polynomial_kernel, rbf_kernel
+from sklearn.preprocessing import StandardScaler
 from skimage.feature import hog
 
 from fashionbench import classical as cl
 from fashionbench.data import Prepared, Split, load_prepared, save_prepared
-from fashionbench.params import SVM, ParamsError, params_from_dict
+from fashionbench.params import SVM, ParamsError, load_params, params_from_dict
 from stages.train_svm import main as train_svm_main
 from tests.conftest import REPO, invoke
 
-BASE = SVM(features="raw", scale=False, kernel="rbf", C=10.0, gamma=0.0, degree=3, hog_cells=(4,),
+BASE = SVM(features="raw", hog_input="pixels", scale=False, kernel="rbf", C=10.0, gamma=0.0, degree=3, hog_cells=(4,),
            hog_block=2, pca_components=0, solver="libsvm", nystroem_components=0, cg_iterations=20,
            train_size=0, cv_folds=0, cv_C=(1.0, 10.0), cv_gamma=(0.01, 0.1))
 
@@ -81,6 +82,37 @@ def test_joined_blocks_are_centred_with_unit_mean_squared_norm(train):
         np.testing.assert_allclose(block.mean(0), 0, atol=1e-5)
         assert (block ** 2).sum(1).mean() == pytest.approx(1, rel=1e-4)
     np.testing.assert_allclose(fmap.transform(train.images), features, atol=1e-6)
+
+
+def test_hog_of_standardised_images(train, test):
+    """hog_input standardised: HOG of the images standardised pixel by pixel with the training
+    images' mean and std (the seed's HOG row), not of pixels / 255."""
+    on_pixels = cl.FeatureMap("hog", hog_input="pixels").fit(train.images)
+    on_standardised = cl.FeatureMap("hog", hog_input="standardised").fit(train.images)
+    plain, standardised = on_pixels.transform(test.images), on_standardised.transform(test.images)
+    assert plain.shape == standardised.shape == (len(test), 1296)
+    assert np.abs(plain - standardised).max() > 0.05
+    scaler = StandardScaler().fit(train.images.reshape(len(train), -1) / 255.0)  # training statistics
+    images = scaler.transform(test.images.reshape(len(test), -1) / 255.0).reshape(-1, 28, 28)
+    np.testing.assert_allclose(standardised, cl.hog_batch(images, 4, 2), atol=1e-5)
+    np.testing.assert_allclose(plain, cl.hog_batch(test.images / 255.0, 4, 2), atol=1e-5)
+
+
+def test_hog_input_is_wired_from_the_recipe(train):
+    cfg = dataclasses.replace(BASE, features="hog", hog_input="standardised")
+    fmap = cl.make_features(cfg).named_steps["features"]
+    assert fmap.hog_input == "standardised"
+    fmap.fit(train.images)
+    assert fmap.pixel_scaler_ is not None
+    assert cl.make_features(dataclasses.replace(cfg, hog_input="pixels")).named_steps["features"] \
+        .fit(train.images).pixel_scaler_ is None
+
+
+def test_the_seed_hog_recipe_learns(params_dict, train, test):
+    cfg = params_from_dict(params_dict).svm["hog_seed"]
+    assert (cfg.features, cfg.hog_input, cfg.scale) == ("hog", "standardised", False)
+    assert accuracy(cfg, train, test) >= 0.9
+    assert accuracy(dataclasses.replace(BASE, features="hog", hog_input="standardised"), train, test) >= 0.9
 
 
 # ---------------------------------------------------------------- kernels and solvers
@@ -163,8 +195,38 @@ def test_train_size_takes_a_stratified_subsample(train, test):
 def test_describe_names_every_block(params_dict):
     params = params_from_dict(params_dict)
     assert cl.describe(params.svm["rbf"]) == "pixels /255; rbf C=10 gamma=0.01"
+    assert cl.describe(params.svm["rbf_scaled"]) == "pixels /255, standardised; rbf C=10 gamma=0.01"
     fast = cl.describe(params.svm["fast"])
     assert fast.startswith("PCA 100 + HOG 4 px cells, 2x2 blocks; rbf") and "Nystroem" in fast
+    assert "standardised images" not in fast
+    assert cl.describe(params.svm["hog_seed"]) == \
+        "HOG 4 px cells, 2x2 blocks of standardised images; rbf C=10 gamma=0.01"
+    assert cl.describe(params.svm["hog"]) == "HOG 4 px cells, 2x2 blocks, standardised; rbf C=10 gamma=scale"
+
+
+def test_recipes_are_the_defaults_with_their_differences(params_dict):
+    """A recipe lists only what differs from svm_defaults; the loader merges the rest in."""
+    params = params_from_dict(params_dict)
+    defaults = params_dict["svm_defaults"]
+    for name, listed in params_dict["svm"].items():
+        cfg = params.svm[name]
+        for key, default in defaults.items():
+            expected = listed.get(key, default) if listed else default
+            assert getattr(cfg, key) == (tuple(expected) if isinstance(expected, list) else expected), \
+                f"svm.{name}.{key}"
+    params_dict["svm_defaults"]["hog_cells"] = [7]
+    params_dict["svm"]["hog"]["hog_block"] = 3
+    changed = params_from_dict(params_dict).svm
+    assert changed["hog"].hog_cells == (7,) and changed["hog_seed"].hog_cells == (7,)
+    assert changed["hog"].hog_block == 3 and changed["hog_seed"].hog_block == 2
+    assert cl.describe(changed["hog"]).startswith("HOG 7 px cells, 3x3 blocks")
+
+
+def test_recipe_lookup_lists_the_recipes(params_dict):
+    params = params_from_dict(params_dict)
+    assert cl.recipe(params, "hog_seed") is params.svm["hog_seed"]
+    with pytest.raises(ParamsError, match="no recipe named 'rbff'; defined: rbf, rbf_scaled"):
+        cl.recipe(params, "rbff")
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -178,6 +240,7 @@ def test_describe_names_every_block(params_dict):
     ("C", -1.0, "must be > 0"),
     ("pca_components", 800, "images have 784 pixels"),
     ("hog_block", 8, "do not fit"),
+    ("hog_input", "scaled", "'scaled' is not one of 'pixels', 'standardised'"),
 ])
 def test_bad_recipe_names_its_key(params_dict, field, value, fragment):
     params_dict["svm"]["rbf"][field] = value
@@ -223,13 +286,13 @@ def repo(tmp_path, write_params, monkeypatch, train, test):
 
 def tiny_recipes(raw: dict) -> None:
     fast = raw["svm"]["fast"]
-    raw["svm"] = {"rbf": raw["svm"]["rbf"], "fast": fast | {"nystroem_components": 100,
-                                                            "pca_components": 20}}
+    raw["svm"] = {"rbf": raw["svm"]["rbf"], "hog_seed": raw["svm"]["hog_seed"],
+                  "fast": fast | {"nystroem_components": 100, "pca_components": 20}}
 
 
 def test_stage_writes_model_scores_and_metrics(repo, tmp_path, test):
-    repo(tiny_recipes)
-    for variant in ("rbf", "fast"):
+    params = load_params(repo(tiny_recipes))
+    for variant in ("rbf", "hog_seed", "fast"):
         result = run_stage([variant])
         assert result.exit_code == 0, result.output
         saved = np.load(tmp_path / f"models/svm/{variant}/test_scores.npz")
@@ -244,7 +307,29 @@ def test_stage_writes_model_scores_and_metrics(repo, tmp_path, test):
         for key in ("fit_time_s", "predict_time_s", "support_vectors", "feature_dim", "train_size",
                     "test_macro_f1", "seed", "quick"):
             assert key in metrics
+        assert metrics["recipe"] == cl.describe(params.svm[variant])
+        assert metrics["device"] in ("cpu", "cuda") and metrics["hardware"]
+        assert isinstance(metrics["threads"], int) and (metrics["threads"] >= 1 or metrics["device"] == "cuda")
+        assert metrics["quick"] is params.quick and metrics["train_size"] == 200
+        if variant == "hog_seed":
+            assert "standardised images" in metrics["recipe"] and metrics["feature_dim"] == 1296
+            assert metrics["test_accuracy"] >= 0.9
     assert metrics["support_vectors"] == 0 and metrics["feature_dim"] == 20 + 1296
+    assert metrics["recipe"].startswith("PCA 20 + HOG 4 px cells") and "Nystroem 100 landmarks" in metrics["recipe"]
+
+
+def test_stage_reads_a_changed_default(repo, tmp_path):
+    """An edit of svm_defaults (what `dvc exp run -S svm_defaults.C=...` does) reaches a recipe
+    that does not list the key, and the recorded recipe says so."""
+    def edit(raw):
+        tiny_recipes(raw)
+        raw["svm_defaults"]["hog_cells"] = [7]
+    repo(edit)
+    result = run_stage(["hog_seed"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics/train/svm-hog_seed.json").read_text())
+    assert metrics["feature_dim"] == 3 * 3 * 2 * 2 * 9
+    assert metrics["recipe"].startswith("HOG 7 px cells, 2x2 blocks of standardised images")
 
 
 @pytest.mark.parametrize("field,value,fragment", [

@@ -1,4 +1,5 @@
-"""Evaluation: metrics on known predictions, flip TTA, the confusion CSV, Grad-CAM, bad inputs."""
+"""Evaluation: metrics on known predictions, flip TTA only for flip-trained models, the
+batch-statistics check, Grad-CAM, the stage's outputs and its errors on bad inputs."""
 
 import csv
 import dataclasses
@@ -10,13 +11,18 @@ import torch
 from torch import nn
 
 from fashionbench import evaluate as ev
-from fashionbench.data import CLASS_NAMES, Prepared, Split, save_prepared
-from fashionbench.models import build_model, save_trained
-from fashionbench.models.resnet7 import ResidualBlock
+from fashionbench.data import Prepared, Split, save_prepared
+from fashionbench.models import build_model, load_trained, save_trained
+from fashionbench.models.cnn import CNNArch
+from fashionbench.models.mlp import MLPArch
+from fashionbench.models.resnet7 import ResidualBlock, ResNet7Arch
 from fashionbench.models.wrn import Block, WRNConfig
-from fashionbench.params import CNNArch, MLPArch, ResNet7Arch, load_params
+from fashionbench.params import load_params
 from stages.evaluate import main as evaluate_main
 from tests.conftest import REPO, invoke
+
+CPU = torch.device("cpu")
+LABELS = np.repeat(np.arange(10), 5)
 
 
 def run_stage(args):
@@ -25,22 +31,36 @@ def run_stage(args):
 
 @pytest.fixture
 def repo(tmp_path, write_params, monkeypatch):
-    """A repository root holding params.yaml and a tiny prepared test set (5 images a class)."""
-    write_params()
+    """A repository root holding params.yaml (evaluation on the CPU) and a tiny prepared test
+    set (5 images a class)."""
+    write_params(lambda p: p["evaluate"].update(device="cpu"))
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), 5)
-    split = Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), labels)
+    split = Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), LABELS.copy())
     save_prepared(Prepared(split, None, split, 0.3, 0.35), tmp_path / "data/prepared")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def save_cnn(path, **meta):
-    """A freshly initialised CNN saved by the registry, with `meta` overriding its record."""
-    model = build_model("cnn", CNNArch(dropout=0.5))
-    save_trained(path, model, "cnn", CNNArch(dropout=0.5), mean=0.3, std=0.35, seed=0, epochs=1)
+ARCHS = {"cnn": CNNArch(dropout=0.5), "mlp": MLPArch(hidden=(16,), dropout=0.0),
+         "resnet7": ResNet7Arch(width=8)}
+
+
+def save_model(path, name="cnn", hflip=0.0, **meta):
+    """A freshly initialised registered model saved as the train stage saves it, trained with
+    flip probability `hflip`; `meta` overrides its record."""
+    torch.manual_seed(0)
+    model = build_model(name, ARCHS[name])
+    save_trained(path, model, name, ARCHS[name], mean=0.3, std=0.35, seed=0, epochs=1, hflip=hflip)
     if meta:
         torch.save(torch.load(path, weights_only=True) | meta, path)
+
+
+def prepared_test_images():
+    return np.load("data/prepared/arrays.npz")["test_x"]
+
+
+def accuracy_of(probs):
+    return float(np.mean(probs.argmax(axis=1) == LABELS))
 
 
 # ---------------------------------------------------------------- metrics
@@ -53,15 +73,19 @@ def test_metrics_on_known_predictions():
     probs = np.full((20, 10), 0.05, dtype=np.float32)
     probs[np.arange(20), pred] = 0.55
     m = ev.classification_metrics(labels, pred, probs)
+    assert set(m) == {"accuracy", "macro_f1", "log_loss"}  # per-class scores live in the report
     assert m["accuracy"] == pytest.approx(18 / 20)
-    trouser = m["per_class"]["Trouser"]
-    assert (trouser["precision"], trouser["recall"]) == (pytest.approx(0.5), 1.0)
-    assert trouser["f1"] == pytest.approx(2 / 3)
-    assert m["per_class"]["T-shirt/top"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # Trouser: precision 0.5, recall 1, F1 2/3; T-shirt: 0; eight perfect classes
     assert m["macro_f1"] == pytest.approx((8 + 2 / 3) / 10)
     expected_loss = -np.mean(np.log(np.where(pred == labels, 0.55, 0.05)))
     assert m["log_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert "log_loss" not in ev.classification_metrics(labels, pred)
+
+
+def test_log_loss_of_a_certain_miss_is_finite():
+    probs = np.array([[1.0, 0.0] + [0.0] * 8], dtype=np.float32)
+    m = ev.classification_metrics(np.array([1]), np.array([0]), probs)
+    assert np.isfinite(m["log_loss"]) and m["log_loss"] == pytest.approx(-np.log(1e-7), rel=1e-4)
 
 
 def test_softmax_of_large_scores_is_finite():
@@ -74,21 +98,46 @@ def test_tta_averages_image_and_flip():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    device = torch.device("cpu")
-    plain = ev.predict_proba(model, images, 0.3, 0.35, 2, False, device)
-    flipped = ev.predict_proba(model, images[:, :, ::-1].copy(), 0.3, 0.35, 2, False, device)
-    tta = ev.predict_proba(model, images, 0.3, 0.35, 2, True, device)
+    both = ("plain", "hflip")
+    plain = ev.predict_proba(model, images, 0.3, 0.35, 2, CPU)
+    flipped = ev.predict_proba(model, images[:, :, ::-1].copy(), 0.3, 0.35, 2, CPU)
+    tta = ev.predict_proba(model, images, 0.3, 0.35, 2, CPU, views=both)
     assert tta.shape == (5, 10) and tta.dtype == np.float32
     np.testing.assert_allclose(tta, (plain + flipped) / 2, atol=1e-6)
     assert not np.allclose(plain, flipped)
     symmetric = np.concatenate([images[:, :, :14], images[:, :, :14][:, :, ::-1]], axis=2)
-    np.testing.assert_allclose(ev.predict_proba(model, symmetric, 0.3, 0.35, 8, True, device),
-                               ev.predict_proba(model, symmetric, 0.3, 0.35, 8, False, device),
-                               atol=1e-6)
+    np.testing.assert_allclose(ev.predict_proba(model, symmetric, 0.3, 0.35, 8, CPU, views=both),
+                               ev.predict_proba(model, symmetric, 0.3, 0.35, 8, CPU), atol=1e-6)
+
+
+def test_batch_statistics_use_each_batch_and_keep_the_running_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    bn = model[1]
+    bn.running_mean.fill_(3.0)  # stale running statistics
+    bn.running_var.fill_(9.0)
+    images = np.random.default_rng(1).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    running = ev.predict_proba(model, images, 0.3, 0.35, 3, CPU)
+    batch = ev.predict_proba(model, images, 0.3, 0.35, 3, CPU, batch_stats=True)
+    assert not np.allclose(running, batch, atol=1e-3)
+    # each batch of 3 normalised by its own statistics, as train mode does
+    expected = []
+    fresh = nn.BatchNorm2d(4, track_running_stats=False)
+    fresh.load_state_dict({k: v for k, v in bn.state_dict().items() if k in ("weight", "bias")})
+    with torch.no_grad():
+        x = ev._inputs(images, 0.3, 0.35, CPU)
+        for start in (0, 3):
+            out = model[3](model[2](fresh(model[0](x[start:start + 3]))))
+            expected.append(out.softmax(dim=1).numpy())
+    np.testing.assert_allclose(batch, np.concatenate(expected), atol=1e-5)
+    # the running statistics and eval mode survive the diagnostic
+    assert not model.training and not bn.training
+    assert torch.all(bn.running_mean == 3.0) and torch.all(bn.running_var == 9.0)
+    np.testing.assert_allclose(ev.predict_proba(model, images, 0.3, 0.35, 3, CPU), running)
 
 
 def test_confusion_csv_uses_class_names(tmp_path):
-    path = tmp_path / "predictions.csv"
+    path = tmp_path / "confusion.csv"
     ev.write_confusion_csv(np.array([0, 9]), np.array([6, 9]), path)
     rows = list(csv.reader(path.open()))
     assert rows == [["actual", "predicted"], ["T-shirt/top", "Shirt"], ["Ankle boot", "Ankle boot"]]
@@ -98,7 +147,7 @@ def test_confusion_csv_uses_class_names(tmp_path):
 
 
 WRN_SE = WRNConfig(depth=16, widen=1, dropout=0.0, block="pre", se_reduction=4,
-                  drop_path=0.0, drop_path_mode="sample")
+                   drop_path=0.0, drop_path_mode="sample")
 
 
 @pytest.mark.parametrize("name, arch, layer_type", [
@@ -133,34 +182,150 @@ def test_one_per_class_is_fixed_and_cycles_classes():
 
 
 def test_deep_run_writes_every_output(repo):
-    save_cnn(repo / "models/cnn/seed0/model.pt")
+    save_model(repo / "models/cnn/seed0/model.pt", "cnn", hflip=0.5)
     result = run_stage(["cnn-seed0"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((repo / "metrics/eval/cnn-seed0.json").read_text())
-    assert {"accuracy", "macro_f1", "log_loss", "images_per_s", "per_class"} <= set(metrics)
-    assert set(metrics["per_class"]) == set(CLASS_NAMES)
+    assert {"id", "accuracy", "macro_f1", "log_loss", "images_per_s", "tta_accuracy", "seed",
+            "device", "test_images"} <= set(metrics)
+    assert "per_class" not in metrics and "batchstat_accuracy" not in metrics  # the CNN has no BN
+    assert metrics["device"] == "cpu" and metrics["test_images"] == 50 and metrics["seed"] == 0
     saved = np.load(repo / "predictions/cnn-seed0.npz")
     assert saved["probs"].shape == (50, 10) and saved["probs"].dtype == np.float32
+    np.testing.assert_array_equal(saved["labels"], LABELS)
     assert str(saved["kind"]) == ev.SOFTMAX
+    assert metrics["accuracy"] == pytest.approx(accuracy_of(saved["probs"]))
+    confusion = list(csv.reader((repo / "plots/confusion/cnn-seed0.csv").open()))
+    assert confusion[0] == ["actual", "predicted"] and len(confusion) == 51
+    assert [row[1] for row in confusion[1:]] == [ev.CLASS_NAMES[p] for p in saved["probs"].argmax(1)]
     plots = repo / "plots/eval/cnn-seed0"
-    assert {p.name for p in plots.iterdir()} == {"predictions.csv", "mistakes.png", "gradcam.png"}
-    assert len((plots / "predictions.csv").read_text().splitlines()) == 51
+    assert {p.name for p in plots.iterdir()} == {"mistakes.png", "gradcam.png"}
+    assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in ("mistakes.png", "gradcam.png"))
+    assert "cnn-seed0: test accuracy" in result.output
+
+
+def band_images() -> Split:
+    """Class k: a bright two-column band at columns 2k, 2k+1 (mirrored, classes 4-9 swap
+    with 9-4: class k's flipped band sits where class 13-k's is; classes 0-3 land on none)."""
+    images = np.zeros((50, 28, 28), np.uint8)
+    for i, label in enumerate(LABELS):
+        images[i, :, 2 * label:2 * label + 2] = 255
+    return Split(images, LABELS.copy())
+
+
+def save_band_reader(path, hflip):
+    """An MLP whose hidden unit k sums band k's pixels: right on plain images, fooled by flips."""
+    arch = MLPArch(hidden=(10,), dropout=0.0)
+    model = build_model("mlp", arch)
+    first, second = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        weight = torch.zeros(10, 28, 28)
+        for k in range(10):
+            weight[k, :, 2 * k:2 * k + 2] = 1.0
+        first.weight.copy_(weight.reshape(10, 784))
+        first.bias.zero_()
+        second.weight.copy_(torch.eye(10))
+        second.bias.zero_()
+    save_trained(path, model, "mlp", arch, mean=0.3, std=0.35, seed=0, epochs=1, hflip=hflip)
+
+
+def test_plain_accuracy_is_the_headline_and_tta_is_separate(repo):
+    bands = band_images()
+    save_prepared(Prepared(bands, None, bands, 0.3, 0.35), repo / "data/prepared")
+    save_band_reader(repo / "models/mlp/seed0/model.pt", hflip=0.5)
+    metrics = ev.evaluate_run("mlp-seed0", load_params("params.yaml"))
+    # plain: every image right; TTA: classes 7-9 tie with their mirror 6-4 and lose the tie
+    assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
+    assert metrics["tta_accuracy"] == pytest.approx(0.7)
+    saved = np.load(repo / "predictions/mlp-seed0.npz")["probs"]
+    assert accuracy_of(saved) == 1.0  # the predictions file holds the plain view too
+    table = list(csv.reader((repo / "plots/confusion/mlp-seed0.csv").open()))[1:]
+    assert all(actual == predicted for actual, predicted in table)
+
+
+@pytest.mark.parametrize("hflip, tta_on, has_tta", [
+    (0.0, True, False),   # never shown a flip: no TTA number
+    (0.5, True, True),
+    (1.0, True, True),
+    (0.5, False, False),  # evaluate.tta off
+])
+def test_tta_only_for_models_trained_with_flips(repo, write_params, hflip, tta_on, has_tta):
+    write_params(lambda p: p["evaluate"].update(device="cpu", tta=tta_on))
+    save_model(repo / "models/cnn/seed0/model.pt", "cnn", hflip=hflip)
+    result = run_stage(["cnn-seed0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((repo / "metrics/eval/cnn-seed0.json").read_text())
+    assert "tta_accuracy" in metrics
+    if has_tta:
+        assert isinstance(metrics["tta_accuracy"], float) and 0 <= metrics["tta_accuracy"] <= 1
+    else:
+        assert metrics["tta_accuracy"] is None
+
+
+def test_a_model_file_without_a_flip_record_gets_no_tta(repo):
+    path = repo / "models/cnn/seed0/model.pt"
+    save_model(path, "cnn", hflip=0.5)
+    saved = torch.load(path, weights_only=True)
+    del saved["hflip"]
+    torch.save(saved, path)
+    assert ev.evaluate_run("cnn-seed0", load_params("params.yaml"))["tta_accuracy"] is None
+
+
+def test_batchstat_accuracy_for_batch_norm_models_only(repo):
+    save_model(repo / "models/resnet7/seed0/model.pt", "resnet7")
+    save_model(repo / "models/mlp/seed0/model.pt", "mlp")
+    params = load_params("params.yaml")
+    resnet = ev.evaluate_run("resnet7-seed0", params)
+    model, _ = load_trained(repo / "models/resnet7/seed0/model.pt")
+    batch = ev.predict_proba(model, prepared_test_images(), 0.3, 0.35, params.evaluate.batch_size, CPU,
+                             batch_stats=True)
+    assert resnet["batchstat_accuracy"] == pytest.approx(accuracy_of(batch))
+    assert json.loads((repo / "metrics/eval/resnet7-seed0.json").read_text())["batchstat_accuracy"] \
+        == resnet["batchstat_accuracy"]
+    mlp = ev.evaluate_run("mlp-seed0", params)
+    assert "batchstat_accuracy" not in mlp and "batchstat_accuracy" not in json.loads(
+        (repo / "metrics/eval/mlp-seed0.json").read_text())
+    assert {p.name for p in (repo / "plots/eval/mlp-seed0").iterdir()} == {"mistakes.png"}  # no Grad-CAM
+    assert (repo / "plots/confusion/mlp-seed0.csv").is_file()
 
 
 def test_svm_run_uses_decision_scores(repo):
     scores = np.random.default_rng(1).normal(size=(50, 10)).astype(np.float32)
-    labels = np.repeat(np.arange(10), 5)
     path = repo / "models/svm/rbf/test_scores.npz"
     path.parent.mkdir(parents=True)
-    np.savez(path, scores=scores, pred=scores.argmax(1), labels=labels)
+    np.savez(path, scores=scores, pred=scores.argmax(1), labels=LABELS)
     result = run_stage(["svm-rbf"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((repo / "metrics/eval/svm-rbf.json").read_text())
-    assert "log_loss" not in metrics
-    assert metrics["accuracy"] == pytest.approx(np.mean(scores.argmax(1) == labels))
+    assert "log_loss" not in metrics and "tta_accuracy" not in metrics
+    assert metrics["accuracy"] == pytest.approx(np.mean(scores.argmax(1) == LABELS))
     saved = np.load(repo / "predictions/svm-rbf.npz")
     assert str(saved["kind"]) == ev.SVM_SOFTMAX
-    assert not (repo / "plots/eval/svm-rbf/gradcam.png").exists()
+    np.testing.assert_allclose(saved["probs"], ev.softmax(scores), rtol=1e-6)
+    assert (repo / "plots/confusion/svm-rbf.csv").is_file()
+    assert {p.name for p in (repo / "plots/eval/svm-rbf").iterdir()} == {"mistakes.png"}
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.98], ids=["empty", "half", "tail-missing"])
+def test_truncated_model_file_is_one_line_naming_it(repo, keep):
+    path = repo / "models/cnn/seed0/model.pt"
+    save_model(path, "cnn", hflip=0.5)
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
+    result = run_stage(["cnn-seed0"])
+    assert_one_error_line(result, "cnn-seed0", "models/cnn/seed0/model.pt", "dvc repro train_cnn")
+    assert not (repo / "metrics/eval").exists() and not (repo / "predictions").exists()
 
 
 @pytest.mark.parametrize("meta, fragment", [
@@ -171,24 +336,63 @@ def test_svm_run_uses_decision_scores(repo):
 ])
 def test_bad_weights_name_the_model_and_the_stage(repo, meta, fragment):
     if meta is not None:
-        save_cnn(repo / "models/cnn/seed0/model.pt", **meta)
+        save_model(repo / "models/cnn/seed0/model.pt", "cnn", **meta)
     result = run_stage(["cnn-seed0"])
     assert result.exit_code == 2
     assert fragment in result.output
     assert "cnn-seed0" in result.output and "dvc repro train_cnn" in result.output
 
 
-def test_wrong_svm_scores_and_unknown_ids(repo):
+def test_truncated_svm_scores_name_the_file(repo):
+    path = repo / "models/svm/rbf/test_scores.npz"
+    path.parent.mkdir(parents=True)
+    scores = np.zeros((50, 10), np.float32)
+    np.savez(path, scores=scores, pred=scores.argmax(1), labels=LABELS)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ev.EvaluateError) as caught:
+        ev.evaluate_run("svm-rbf", load_params("params.yaml"))
+    message = str(caught.value)
+    assert "models/svm/rbf/test_scores.npz" in message and "unreadable" in message
+    assert "dvc repro train_svm@rbf" in message
+    assert_one_error_line(run_stage(["svm-rbf"]), "models/svm/rbf/test_scores.npz")
+    assert not (repo / "metrics/eval/svm-rbf.json").exists()
+
+
+@pytest.mark.parametrize("saved, fragment", [
+    ({"scores": np.zeros((50, 5)), "labels": LABELS}, "shape (50, 5)"),
+    ({"scores": np.zeros((40, 10)), "labels": LABELS[:40]}, "expected (50, 10)"),
+    ({"scores": np.zeros((50, 10)), "labels": LABELS[::-1].copy()}, "another test set"),
+    ({"labels": LABELS}, "unreadable"),
+])
+def test_svm_scores_that_do_not_fit_the_test_set(repo, saved, fragment):
     path = repo / "models/svm/hog/test_scores.npz"
     path.parent.mkdir(parents=True)
-    np.savez(path, scores=np.zeros((50, 5)), pred=np.zeros(50), labels=np.zeros(50))
+    np.savez(path, **saved)
     result = run_stage(["svm-hog"])
-    assert result.exit_code == 2 and "dvc repro train_svm@hog" in result.output
-    result = run_stage(["vgg-seed0"])
-    assert result.exit_code == 2 and "valid ids" in result.output and "se_wrn-seed0" in result.output
+    assert_one_error_line(result, "svm-hog", fragment, "dvc repro train_svm@hog")
+
+
+def test_missing_svm_scores_name_the_stage(repo):
+    assert_one_error_line(run_stage(["svm-fast"]), "models/svm/fast/test_scores.npz",
+                          "are missing", "dvc repro train_svm@fast")
+
+
+@pytest.mark.parametrize("run_id", ["vgg-seed0", "cnn-seed7", "cnn", "svm-nope", "svm-", "cnn-seedx"])
+def test_unknown_run_ids_list_the_valid_ones(repo, run_id):
+    params = load_params("params.yaml")
+    with pytest.raises(ev.EvaluateError) as caught:
+        ev.parse_run_id(run_id, params)
+    message = str(caught.value)
+    assert repr(run_id) in message and "valid ids" in message
+    valid = message.split("valid ids (from params.yaml): ")[1].split(", ")
+    assert valid == [f"{row}-seed{s}" for row in params.recipes for s in params.seeds] + \
+        [f"svm-{name}" for name in params.svm]
+    assert_one_error_line(run_stage([run_id]), "valid ids", "se_wrn-seed0", "svm-hog_seed")
 
 
 def test_run_ids():
     params = load_params(REPO / "params.yaml")
     assert ev.parse_run_id("se_wrn-seed0", params) == ev.Run("se_wrn-seed0", "se_wrn", seed=0)
     assert ev.parse_run_id("svm-rbf", params) == ev.Run("svm-rbf", "svm", variant="rbf")
+    assert ev.Run("wrn-seed2", "wrn", seed=2).artifact.as_posix() == "models/wrn/seed2/model.pt"
+    assert ev.Run("svm-hog", "svm", variant="hog").artifact.as_posix() == "models/svm/hog/test_scores.npz"

@@ -1,30 +1,57 @@
-"""The model registry: shapes, pinned parameter counts, saved-model round trips, bad params."""
+"""The model registry: shapes, pinned parameter counts, registering a model, saved-model round
+trips and the errors that name the stage to re-run."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
-from fashionbench.models import (TrainedModelError, build_model, count_parameters, load_trained,
-                                 save_trained)
+from fashionbench.models import (REGISTRY, TrainedModelError, build_model, count_parameters,
+                                 load_trained, save_trained)
+from fashionbench.models.cnn import CNNArch
+from fashionbench.models.mlp import MLPArch
+from fashionbench.models.registry import UnknownModelError, register, spec
+from fashionbench.models.resnet7 import ResNet7Arch
 from fashionbench.models.wrn import WRNConfig
-from fashionbench.params import CNNArch, MLPArch, ParamsError, ResNet7Arch, params_from_dict
+from fashionbench.params import ParamsError, load_params, params_from_dict
+from tests.conftest import REPO
 
-MODELS = {
-    "cnn": ("cnn", CNNArch(dropout=0.5)),
-    "resnet7": ("resnet7", ResNet7Arch(width=16)),
-    "mlp": ("mlp", MLPArch(hidden=(32, 16), dropout=0.1)),
-    "wrn-post": ("wrn", WRNConfig(10, 1, 0.3, "post", 0, 0.2, "sample")),
-    "wrn-pre-se-batch": ("wrn", WRNConfig(16, 1, 0.3, "pre", 4, 0.5, "batch")),
-}
+REPO_RECIPES = load_params(REPO / "params.yaml").recipes  # every deep row of the repository
 
 
-@pytest.mark.parametrize("key", MODELS)
-def test_every_model_maps_a_batch_to_ten_finite_logits(key):
+def test_every_registered_model_has_a_recipe_in_the_repository_params():
+    spec("cnn")  # the first look-up imports every module of fashionbench.models
+    assert {"cnn", "resnet7", "mlp", "wrn"} <= set(REGISTRY)
+    assert set(REGISTRY) <= {recipe.model for recipe in REPO_RECIPES.values()}
+
+
+@pytest.mark.parametrize("row", list(REPO_RECIPES))
+def test_every_recipe_model_maps_a_batch_to_ten_finite_logits(row):
+    recipe = REPO_RECIPES[row]
+    assert recipe.model in REGISTRY
+    assert isinstance(recipe.arch, REGISTRY[recipe.model].arch)
     torch.manual_seed(0)
-    model = build_model(*MODELS[key])
+    model = build_model(recipe.model, recipe.arch)
     x = torch.randn(2, 1, 28, 28)
     for training in (True, False):
         out = model.train(training)(x)
-        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        assert out.shape == (2, 10) and torch.isfinite(out).all(), (row, training)
+
+
+@pytest.mark.parametrize("name, arch", [
+    ("resnet7", ResNet7Arch(width=16)),
+    ("mlp", MLPArch(hidden=(32, 16), dropout=0.1)),
+    ("wrn", WRNConfig(10, 1, 0.3, "post", 4, 0.2, "sample")),
+    ("wrn", WRNConfig(16, 1, 0.3, "pre", 4, 0.5, "batch")),
+])
+def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
+    torch.manual_seed(0)
+    model = build_model(name, arch)
+    x = torch.randn(3, 1, 28, 28)
+    for training in (True, False):
+        out = model.train(training)(x)
+        assert out.shape == (3, 10) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name, arch, expected", [
@@ -40,6 +67,24 @@ def test_parameter_counts_are_pinned(name, arch, expected):
         assert count_parameters(build_model(name, arch)) == expected
 
 
+@pytest.mark.parametrize("row, expected", [
+    ("cnn", 824_458), ("resnet7", 186_442), ("mlp", 101_770), ("wrn", 8_949_818), ("se_wrn", 9_016_290),
+])
+def test_the_repository_rows_are_the_seed_models(row, expected):
+    recipe = REPO_RECIPES[row]
+    with torch.device("meta"):
+        assert count_parameters(build_model(recipe.model, recipe.arch)) == expected
+
+
+def test_build_model_accepts_a_dict_and_rejects_a_foreign_arch():
+    model = build_model("mlp", {"hidden": [8], "dropout": 0.0})
+    assert count_parameters(model) == 784 * 8 + 8 + 8 * 10 + 10
+    with pytest.raises(TypeError, match="MLPArch"):
+        build_model("mlp", CNNArch(0.5))
+    with pytest.raises(UnknownModelError, match=r"unknown model 'vgg'.*registered: cnn"):
+        build_model("vgg", {})
+
+
 def test_sample_drop_path_is_random_in_training_only():
     model = build_model("wrn", WRNConfig(10, 1, 0.0, "pre", 0, 0.9, "sample"))
     x = torch.randn(4, 1, 28, 28)
@@ -48,32 +93,148 @@ def test_sample_drop_path_is_random_in_training_only():
     assert torch.equal(model.eval()(x), model(x))
 
 
+# ---------------------------------------------------------------- registering a model
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    hidden: int
+
+
+@pytest.fixture
+def tiny_model():
+    """A throwaway model registered as `test_tiny_linear`, removed from REGISTRY afterwards."""
+    name = "test_tiny_linear"
+    spec("cnn")  # load the package's own models first, as any real look-up would
+    assert name not in REGISTRY
+
+    @register(name, TinyArch, summary=lambda a: f"tiny linear, hidden {a.hidden}")
+    class TinyLinear(nn.Module):
+        def __init__(self, arch: TinyArch, in_channels: int = 1, num_classes: int = 10):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, arch.hidden),
+                                     nn.ReLU(), nn.Linear(arch.hidden, num_classes))
+
+        def forward(self, x):
+            return self.net(x)
+
+    try:
+        yield name
+    finally:
+        REGISTRY.pop(name, None)
+
+
+def test_a_registered_model_is_buildable_and_accepted_by_params(tiny_model, params_dict):
+    model = build_model(tiny_model, TinyArch(hidden=5))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert count_parameters(model) == 784 * 5 + 5 + 5 * 10 + 10
+    assert spec(tiny_model).summary(TinyArch(5)) == "tiny linear, hidden 5"
+
+    params_dict["tiny"] = {"model": tiny_model, "arch": {"hidden": 7}, "epochs": 2}
+    params = params_from_dict(params_dict)
+    recipe = params.recipe("tiny")
+    assert recipe.arch == TinyArch(hidden=7) and recipe.epochs == 2
+    assert recipe.lr == params_dict["train_defaults"]["lr"]  # inherits train_defaults
+    assert count_parameters(build_model(recipe.model, recipe.arch)) == 784 * 7 + 7 + 7 * 10 + 10
+
+    params_dict["tiny"]["arch"] = {"hiden": 7}
+    with pytest.raises(ParamsError, match=r"tiny\.arch\.hiden.*did you mean 'hidden'"):
+        params_from_dict(params_dict)
+
+
+def test_a_registered_model_is_gone_after_its_test(params_dict):
+    assert "test_tiny_linear" not in REGISTRY
+    params_dict["tiny"] = {"model": "test_tiny_linear", "arch": {"hidden": 7}}
+    with pytest.raises(ParamsError, match="unknown model 'test_tiny_linear'") as caught:
+        params_from_dict(params_dict)
+    assert caught.value.key == "tiny.model"
+
+
+def test_registering_a_second_model_under_a_taken_name_is_refused():
+    spec("cnn")
+    with pytest.raises(ValueError, match="registered twice"):
+        register("cnn", CNNArch, summary=str)(type("OtherCNN", (nn.Module,), {}))
+    assert REGISTRY["cnn"].arch is CNNArch
+
+
+# ---------------------------------------------------------------- saved models
+
+
+def save(path, model, name, arch, **changes):
+    kwargs = {"mean": 0.3, "std": 0.4, "seed": 3, "epochs": 2, "hflip": 0.5} | changes
+    save_trained(path, model, name, arch, **kwargs)
+
+
 def test_load_trained_round_trips(tmp_path):
-    model = build_model("mlp", MLPArch((8,), 0.0))
+    arch = MLPArch((8,), 0.0)
+    model = build_model("mlp", arch)
     path = tmp_path / "models" / "mlp" / "seed3" / "model.pt"
-    save_trained(path, model, "mlp", MLPArch((8,), 0.0), mean=0.3, std=0.4, seed=3, epochs=2)
+    save(path, model, "mlp", arch)
     loaded, meta = load_trained(path)
-    assert not loaded.training and meta["seed"] == 3 and meta["arch"] == {"hidden": [8], "dropout": 0.0}
+    assert not loaded.training and meta["model"] == "mlp"
+    assert meta["arch"] == {"hidden": [8], "dropout": 0.0}
+    assert (meta["seed"], meta["epochs"], meta["mean"], meta["std"], meta["hflip"]) == (3, 2, 0.3, 0.4, 0.5)
+    assert "state_dict" not in meta
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(loaded(x), model.eval()(x))
     torch.load(path, weights_only=True)  # loadable without trusting pickled code
 
 
-def test_load_trained_names_the_stage_to_rerun(tmp_path):
+def test_load_trained_round_trips_a_wrn_with_batch_norm_statistics(tmp_path):
+    arch = WRNConfig(10, 1, 0.3, "pre", 4, 0.2, "batch")
+    model = build_model("wrn", arch)
+    model.train()(torch.randn(8, 1, 28, 28))  # move the running statistics off their defaults
+    path = tmp_path / "model.pt"
+    save(path, model, "wrn", arch)
+    loaded, meta = load_trained(path)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert meta["arch"]["block"] == "pre"
+
+
+def test_load_trained_of_a_missing_file_names_the_stage_to_rerun(tmp_path):
     missing = tmp_path / "models" / "se_wrn" / "seed0" / "model.pt"
     with pytest.raises(TrainedModelError, match=r"model.pt not found.*dvc repro train_se_wrn"):
         load_trained(missing)
+
+
+def test_a_truncated_model_file_is_named_with_the_stage_to_rerun(tmp_path):
     path = tmp_path / "models" / "cnn" / "seed0" / "model.pt"
-    save_trained(path, build_model("cnn", CNNArch(0.5)), "cnn", CNNArch(0.5), mean=0, std=1, seed=0, epochs=1)
+    save(path, build_model("cnn", CNNArch(0.5)), "cnn", CNNArch(0.5))
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+    with pytest.raises(TrainedModelError) as caught:
+        load_trained(path)
+    message = str(caught.value)
+    assert str(path) in message and "not a readable model file" in message
+    assert "dvc repro train_cnn" in message
+
+
+def test_a_model_for_other_inputs_names_the_stage_to_rerun(tmp_path):
+    path = tmp_path / "models" / "cnn" / "seed0" / "model.pt"
+    save(path, build_model("cnn", CNNArch(0.5)), "cnn", CNNArch(0.5))
     saved = torch.load(path, weights_only=True)
     torch.save(saved | {"input_shape": [3, 32, 32]}, path)
     with pytest.raises(TrainedModelError, match=r"\[3, 32, 32\].*dvc repro train_cnn"):
         load_trained(path)
 
 
-@pytest.mark.parametrize("key, value", [("depth", 41), ("widen", 0), ("dropout", 1.0)])
-def test_bad_model_params_name_the_key(params_dict, key, value):
-    params_dict["quick"] = False  # else quick_run.model would override the bad value
+def test_a_model_that_no_longer_fits_the_code_names_the_stage_to_rerun(tmp_path):
+    path = tmp_path / "models" / "resnet7" / "seed1" / "model.pt"
+    save(path, build_model("resnet7", ResNet7Arch(8)), "resnet7", ResNet7Arch(8))
+    saved = torch.load(path, weights_only=True)
+    torch.save(saved | {"arch": {"width": 16}}, path)  # weights of width 8, arch of width 16
+    with pytest.raises(TrainedModelError, match=r"(?s)does not fit the current model code.*dvc repro train_resnet7"):
+        load_trained(path)
+    torch.save(saved | {"model": "vgg"}, path)
+    with pytest.raises(TrainedModelError, match=r"(?s)does not fit.*dvc repro train_resnet7"):
+        load_trained(path)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("depth", 41, "6n+4"), ("widen", 0, ">= 1"), ("dropout", 1.0, "[0, 1)")])
+def test_bad_shared_model_params_name_the_key(params_dict, key, value, problem):
     params_dict["model"][key] = value
-    with pytest.raises(ParamsError, match=rf"model\.{key}"):
+    with pytest.raises(ParamsError) as caught:
         params_from_dict(params_dict)
+    assert caught.value.key.endswith(f"arch.{key}") and problem in str(caught.value)

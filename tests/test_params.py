@@ -1,87 +1,376 @@
-"""params.yaml loading: the repository's file is valid, and every kind of mistake names its key."""
+"""params.yaml loading: defaults merged under each recipe, the quick scale, and every kind of
+mistake named by its key before any stage does work."""
+
+import dataclasses
 
 import pytest
 
-from fashionbench.params import ParamsError, load_params, params_from_dict
+from fashionbench.params import (Augment, ParamsError, TrainRecipe, load_params, load_plan,
+                                 params_from_dict)
 from tests.conftest import REPO, invoke
+
+DEEP_ROWS = ("cnn", "resnet7", "mlp", "wrn", "se_wrn")
+
+
+def expect_error(params_dict, fragments, key_suffix: str | None = None) -> ParamsError:
+    """params_from_dict fails with a ParamsError whose message holds every fragment."""
+    with pytest.raises(ParamsError) as caught:
+        params_from_dict(params_dict)
+    message = str(caught.value)
+    for fragment in [fragments] if isinstance(fragments, str) else fragments:
+        assert fragment in message, message
+    if key_suffix is not None:
+        assert caught.value.key.endswith(key_suffix), caught.value.key
+    assert "\n" not in message  # one line, as the stages print it
+    return caught.value
+
+
+# ---------------------------------------------------------------- the repository's file
 
 
 def test_repository_params_load():
     params = load_params(REPO / "params.yaml")
-    assert params.download.sources
+    assert params.download.sources and params.seeds
     assert set(params.svm)  # at least one SVM recipe
+    assert set(DEEP_ROWS) <= set(params.recipes)
+    for row, recipe in params.recipes.items():
+        assert isinstance(recipe, TrainRecipe), row
+        assert isinstance(recipe.augment, Augment), row
+        assert not isinstance(recipe.arch, dict), row  # built into the model's arch dataclass
 
 
-def test_quick_run_overrides_the_sections(params_dict):
+def test_every_recipe_inherits_train_defaults_and_its_own_keys_win(params_dict):
+    params = params_from_dict(params_dict)
+    defaults = params_dict["train_defaults"]
+    for row in DEEP_ROWS:
+        section, recipe = params_dict[row], params.recipes[row]
+        for key, default in defaults.items():
+            if key == "augment":
+                continue
+            expected = section.get(key, default)
+            assert getattr(recipe, key) == expected, f"{row}.{key}"
+    # a key the row does not set comes from train_defaults, one it sets wins
+    assert "optimizer" not in params_dict["resnet7"]
+    assert params.recipes["resnet7"].optimizer == defaults["optimizer"]
+    assert params.recipes["resnet7"].batch_size == params_dict["resnet7"]["batch_size"] != defaults["batch_size"]
+
+
+def test_changing_a_default_changes_every_recipe_that_does_not_set_it(params_dict):
+    params_dict["train_defaults"]["grad_clip"] = 2.5
+    params_dict["train_defaults"]["lr"] = 0.123
+    params = params_from_dict(params_dict)
+    for row in DEEP_ROWS:
+        assert params.recipes[row].grad_clip == 2.5, row
+        assert params.recipes[row].lr == params_dict[row].get("lr", 0.123), row
+
+
+def test_a_recipe_augment_key_merges_with_the_default_augment(params_dict):
+    params_dict["train_defaults"]["augment"]["cutout"] = 6
+    params_dict["mlp"]["augment"] = {"erase_p": 0.25}
+    recipe = params_from_dict(params_dict).recipes["mlp"]
+    assert recipe.augment.erase_p == 0.25      # the recipe's key
+    assert recipe.augment.cutout == 6          # a default the recipe did not set is kept
+    assert recipe.augment.erase_scale == tuple(params_dict["train_defaults"]["augment"]["erase_scale"])
+    # cnn's section names hflip only: every other augment key is the default
+    cnn = params_from_dict(params_dict).recipes["cnn"].augment
+    assert cnn.hflip == 0.5 and cnn.cutout == 6 and cnn.crop_pad == 0
+
+
+def test_the_wrn_rows_read_the_shared_model_section(params_dict):
+    params_dict["model"]["widen"] = 2
+    params = params_from_dict(params_dict)
+    for row in ("wrn", "se_wrn"):
+        arch = params.recipes[row].arch
+        assert (arch.depth, arch.widen, arch.dropout) == (40, 2, 0.5), row
+    assert params.recipes["wrn"].arch.block == "post" and params.recipes["se_wrn"].arch.block == "pre"
+    params_dict["se_wrn"]["arch"]["depth"] = 16  # a row's arch overrides the shared section
+    params = params_from_dict(params_dict)
+    assert params.recipes["se_wrn"].arch.depth == 16 and params.recipes["wrn"].arch.depth == 40
+
+
+def test_any_section_naming_a_model_is_a_deep_row(params_dict):
+    params_dict["cnn_wide"] = {"model": "cnn", "arch": {"dropout": 0.25}, "epochs": 3}
+    params = params_from_dict(params_dict)
+    assert params.recipes["cnn_wide"].arch.dropout == 0.25
+    assert params.recipes["cnn_wide"].epochs == 3
+    assert params.recipes["cnn_wide"].lr == params_dict["train_defaults"]["lr"]
+
+
+def test_svm_recipes_inherit_svm_defaults(params_dict):
+    params = params_from_dict(params_dict)
+    defaults = params_dict["svm_defaults"]
+    for name, section in params_dict["svm"].items():
+        svm = params.svm[name]
+        for key, default in defaults.items():
+            expected = section.get(key, default)
+            expected = tuple(expected) if isinstance(expected, list) else expected
+            assert getattr(svm, key) == expected, f"svm.{name}.{key}"
+
+
+# ---------------------------------------------------------------- quick: sizes only
+
+
+def test_quick_changes_no_architecture_or_recipe_key(params_dict):
     params_dict["quick"] = False
     full = params_from_dict(params_dict)
     params_dict["quick"] = True
     quick = params_from_dict(params_dict)
-    assert quick.preprocess.subset_size == params_dict["quick_run"]["preprocess"]["subset_size"]
-    assert full.preprocess.subset_size == params_dict["preprocess"]["subset_size"]
-    assert quick.model.depth < full.model.depth
+    assert quick.recipes == full.recipes
+    assert quick.svm == full.svm and quick.preprocess == full.preprocess
 
 
-def expect_error(params_dict, key: str, fragment: str) -> None:
+@pytest.mark.parametrize("row", DEEP_ROWS)
+def test_quick_caps_epochs_and_precise_bn_through_recipe(params_dict, row):
+    params_dict["quick"] = False
+    full = params_from_dict(params_dict)
+    params_dict["quick"] = True
+    quick = params_from_dict(params_dict)
+    scale = params_dict["quick_scale"]
+    assert full.recipe(row) == full.recipes[row]
+    assert quick.recipes[row].epochs == params_dict[row]["epochs"]  # the table is untouched
+    images = scale["epoch_images"].get(row, scale["epoch_images"]["default"])
+    assert quick.epoch_images(row) == images and full.epoch_images(row) == 0
+    capped, whole = quick.recipe(row), full.recipe(row)
+    assert capped.epochs == min(whole.epochs, scale["epochs"]) < whole.epochs
+    assert capped.precise_bn == min(whole.precise_bn, images)
+    # warmup keeps its fraction of the schedule (mlp: 1 of 30 epochs)
+    assert capped.warmup_epochs / capped.epochs == pytest.approx(whole.warmup_epochs / whole.epochs)
+    assert dataclasses.replace(capped, epochs=whole.epochs, precise_bn=whole.precise_bn,
+                               warmup_epochs=whole.warmup_epochs) == whole
+
+
+def test_quick_caps_a_recipe_without_warmup_to_the_scale(params_dict):
+    params_dict["quick"] = True
+    params_dict["quick_scale"]["epochs"] = 2
+    params_dict["quick_scale"]["epoch_images"]["cnn"] = 300
+    params_dict["cnn"]["precise_bn"] = 1000
+    params = params_from_dict(params_dict)
+    assert params.recipe("cnn").epochs == 2 and params.recipe("cnn").precise_bn == 300
+    params_dict["cnn"]["epochs"] = 1  # fewer than the scale: kept
+    params_dict["cnn"]["precise_bn"] = 0  # off stays off
+    params = params_from_dict(params_dict)
+    assert params.recipe("cnn").epochs == 1 and params.recipe("cnn").precise_bn == 0
+
+
+def test_quick_scales_the_sizes(params_dict):
+    params_dict["quick"] = False
+    full = params_from_dict(params_dict)
+    params_dict["quick"] = True
+    quick = params_from_dict(params_dict)
+    scale, pre = params_dict["quick_scale"], params_dict["preprocess"]
+    assert (quick.sizes().validation_size, quick.sizes().subset_size, quick.sizes().test_size) == \
+        (scale["validation_size"], scale["train_size"], scale["test_size"])
+    assert (full.sizes().validation_size, full.sizes().subset_size, full.sizes().test_size) == \
+        (pre["validation_size"], pre["subset_size"], 0)
+    assert quick.sizes().seed == full.sizes().seed == pre["seed"]
+    assert quick.stats_sizes().tsne_size == scale["tsne_size"]
+    assert full.stats_sizes() == full.stats
+
+
+def test_quick_must_be_a_boolean(params_dict):
+    params_dict["quick"] = "yes"
+    error = expect_error(params_dict, ["quick", "must be bool", "'yes'"])
+    assert error.key == "quick"
+
+
+def test_unknown_row_in_recipe_lists_the_rows(params_dict):
+    params = params_from_dict(params_dict)
+    with pytest.raises(ParamsError, match=r"vgg.*deep rows: cnn, resnet7, mlp, wrn, se_wrn"):
+        params.recipe("vgg")
+
+
+# ---------------------------------------------------------------- mistakes name their key
+
+
+def test_misspelt_key_in_a_recipe_is_named_with_a_suggestion(params_dict):
+    params_dict["cnn"]["epoch"] = 3
+    expect_error(params_dict, ["cnn.epoch", "unknown key", "did you mean 'epochs'"], "cnn.epoch")
+
+
+def test_misspelt_key_in_a_recipe_augment_is_named_with_a_suggestion(params_dict):
+    params_dict["cnn"]["augment"]["hflp"] = 0.5
+    expect_error(params_dict, ["cnn.augment.hflp", "did you mean 'hflip'"], "cnn.augment.hflp")
+
+
+def test_misspelt_key_in_a_recipe_arch_is_named_with_a_suggestion(params_dict):
+    params_dict["mlp"]["arch"]["hiden"] = [64]
+    expect_error(params_dict, ["mlp.arch.hiden", "did you mean 'hidden'"], "mlp.arch.hiden")
+
+
+def test_misspelt_key_in_train_defaults_is_named_with_a_suggestion(params_dict):
+    params_dict["train_defaults"]["label_smothing"] = 0.1
+    expect_error(params_dict, ["label_smothing", "unknown key", "did you mean 'label_smoothing'"],
+                 ".label_smothing")
+
+
+def test_misspelt_key_in_svm_defaults_is_named_with_a_suggestion(params_dict):
+    params_dict["svm_defaults"]["gama"] = 0.1
+    expect_error(params_dict, ["gama", "unknown key", "did you mean 'gamma'"], ".gama")
+
+
+def test_misspelt_key_in_an_svm_recipe_is_named_with_a_suggestion(params_dict):
+    params_dict["svm"]["hog"]["hog_cell"] = [4]
+    expect_error(params_dict, ["svm.hog.hog_cell", "did you mean 'hog_cells'"], "svm.hog.hog_cell")
+
+
+def test_misspelt_key_in_a_plain_section(params_dict):
+    params_dict["preprocess"]["vaildation_size"] = params_dict["preprocess"].pop("validation_size")
+    error = expect_error(params_dict, "did you mean 'validation_size'")
+    assert error.key == "preprocess.vaildation_size"
+
+
+def test_a_recipe_error_names_the_key_as_written_in_params_yaml(params_dict):
+    params_dict["cnn"]["epoch"] = 3
     with pytest.raises(ParamsError) as caught:
         params_from_dict(params_dict)
-    assert caught.value.key == key
-    assert fragment in str(caught.value)
+    assert caught.value.key == "cnn.epoch"
 
 
-def test_misspelt_key_is_named_with_a_suggestion(params_dict):
-    params_dict["preprocess"]["vaildation_size"] = params_dict["preprocess"].pop("validation_size")
-    expect_error(params_dict, "preprocess.vaildation_size", "did you mean 'validation_size'")
+@pytest.mark.parametrize("section, key", [("train_defaults", "epoch"), ("svm_defaults", "gama")])
+def test_a_defaults_typo_names_the_defaults_section(params_dict, section, key):
+    params_dict[section][key] = 1
+    with pytest.raises(ParamsError) as caught:
+        params_from_dict(params_dict)
+    assert caught.value.key == f"{section}.{key}"
 
 
-def test_unknown_section(params_dict):
-    params_dict["preprocesss"] = {}
-    expect_error(params_dict, "preprocesss", "unknown key")
+def test_unknown_section_is_named(params_dict):
+    params_dict["preprocesss"] = {"seed": 0}
+    error = expect_error(params_dict, ["preprocesss", "unknown section", "did you mean 'preprocess'"])
+    assert error.key == "preprocesss"
+
+
+def test_missing_defaults_section_is_named(params_dict):
+    del params_dict["train_defaults"]
+    error = expect_error(params_dict, ["train_defaults", "missing"])
+    assert error.key == "train_defaults"
 
 
 def test_missing_key(params_dict):
     del params_dict["stats"]["tsne_size"]
-    expect_error(params_dict, "stats.tsne_size", "missing")
+    error = expect_error(params_dict, "missing")
+    assert error.key == "stats.tsne_size"
+
+
+def test_a_key_missing_from_the_defaults_is_named(params_dict):
+    del params_dict["train_defaults"]["momentum"]
+    expect_error(params_dict, ["momentum", "missing"], ".momentum")
 
 
 def test_wrong_type(params_dict):
     params_dict["preprocess"]["seed"] = "zero"
-    expect_error(params_dict, "preprocess.seed", "must be int")
+    assert expect_error(params_dict, "must be int").key == "preprocess.seed"
 
 
 def test_bool_is_not_a_number(params_dict):
     params_dict["download"]["timeout"] = True
-    expect_error(params_dict, "download.timeout", "must be float")
+    assert expect_error(params_dict, "must be float").key == "download.timeout"
+
+
+def test_a_wrong_literal_in_a_recipe_lists_the_choices(params_dict):
+    params_dict["mlp"]["schedule"] = "linear"
+    expect_error(params_dict, ["'linear' is not one of", "'onecycle'", "'cosine'"], "mlp.schedule")
 
 
 def test_negative_size(params_dict):
-    params_dict["quick"] = False
     params_dict["preprocess"]["subset_size"] = -5
-    expect_error(params_dict, "preprocess.subset_size", ">= 0")
+    assert expect_error(params_dict, ">= 0").key == "preprocess.subset_size"
 
 
 def test_validation_larger_than_train(params_dict):
-    params_dict["quick"] = False
     params_dict["preprocess"]["validation_size"] = 70000
-    expect_error(params_dict, "preprocess.validation_size", "60000")
+    assert expect_error(params_dict, "60000").key == "preprocess.validation_size"
 
 
 def test_subset_larger_than_what_is_left(params_dict):
-    params_dict["quick"] = False
     params_dict["preprocess"]["validation_size"] = 10000
     params_dict["preprocess"]["subset_size"] = 55000
-    expect_error(params_dict, "preprocess.subset_size", "50000")
+    assert expect_error(params_dict, "50000").key == "preprocess.subset_size"
 
 
-def test_quick_run_override_of_an_unknown_key(params_dict):
-    params_dict["quick"] = True
-    params_dict["quick_run"]["cnn"]["epoch"] = 1
-    expect_error(params_dict, "quick_run.cnn.epoch", "did you mean 'epochs'")
-
-
-def test_literal_choice(params_dict):
+def test_empty_sources(params_dict):
     params_dict["download"]["sources"] = []
-    expect_error(params_dict, "download.sources", "at least one")
+    assert expect_error(params_dict, "at least one").key == "download.sources"
+
+
+@pytest.mark.parametrize("depth", [12, 41, 4])
+def test_impossible_wrn_depth_is_named_with_the_rule(params_dict, depth):
+    params_dict["model"]["depth"] = depth
+    expect_error(params_dict, [f"depth: {depth} is impossible", "6n+4"], "arch.depth")
+
+
+def test_a_bad_recipe_value_is_named_even_when_quick(params_dict):
+    params_dict["quick"] = True
+    params_dict["model"]["depth"] = 12  # quick scales sizes: it must not hide a model error
+    expect_error(params_dict, "6n+4", "depth")
+
+
+def test_a_recipe_naming_an_unregistered_model_lists_the_registered_ones(params_dict):
+    params_dict["resnet7"]["model"] = "vgg16"
+    error = expect_error(params_dict, ["unknown model 'vgg16'", "registered:", "cnn", "mlp", "resnet7", "wrn"])
+    assert error.key == "resnet7.model"
+
+
+def test_ensemble_of_an_unknown_row(params_dict):
+    params_dict["compare"]["ensemble"] = ["cnn", "vgg"]
+    assert expect_error(params_dict, "'vgg'").key == "compare.ensemble"
+
+
+# ---------------------------------------------------------------- the torch-free plan
+
+
+def test_load_plan_gives_rows_seeds_and_epochs(write_params):
+    def edit(raw):
+        raw["seeds"] = [0, 7]
+        raw["quick"] = True
+        raw["cnn_small"] = {"model": "cnn", "arch": {"dropout": 0.1}}  # epochs from train_defaults
+    plan = load_plan(write_params(edit))
+    raw = load_params(write_params(edit))
+    assert plan.quick is True and plan.seeds == (0, 7)
+    assert plan.deep == (*DEEP_ROWS, "cnn_small") == tuple(raw.recipes)
+    assert plan.svm == tuple(raw.svm)
+    assert plan.epochs == {row: recipe.epochs for row, recipe in raw.recipes.items()}
+    assert plan.epochs["cnn_small"] == 30 and plan.epochs["wrn"] == 600
+    assert plan.ensemble == raw.compare.ensemble and plan.tolerance == raw.compare.tolerance
+    assert plan.rows() == [f"svm-{k}" for k in raw.svm] + list(plan.deep)
+    runs = plan.runs()
+    assert ("cnn-seed7", "cnn", 7) in runs and ("svm-rbf", "svm-rbf", None) in runs
+    assert len(runs) == len(raw.svm) + 2 * len(plan.deep)
+    assert plan.row_of("se_wrn-seed7") == "se_wrn" and plan.row_of("svm-hog_seed") == "svm-hog_seed"
+
+
+def test_load_plan_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from fashionbench.params import load_plan; load_plan(); "
+            "assert 'torch' not in sys.modules, 'load_plan imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_load_plan_of_a_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_plan(tmp_path / "params.yaml")
+
+
+# ---------------------------------------------------------------- the stages stop first
+
+
+def test_check_params_writes_its_marker_only_for_valid_params(tmp_path, write_params):
+    from stages.check_params import main
+
+    marker = tmp_path / "data" / "params-checked"
+    good = write_params()
+    assert invoke(main, ["--params", good, "--marker", marker]).exit_code == 0
+    assert marker.is_file()
+    marker.unlink()
+    bad = write_params(lambda raw: raw["train_defaults"].update(epoch=3))
+    result = invoke(main, ["--params", bad, "--marker", marker])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: params.yaml:") and "did you mean 'epochs'" in result.output
+    assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+    assert not marker.exists()
 
 
 def test_stage_stops_before_any_work_on_a_params_error(tmp_path, write_params):
@@ -98,21 +387,27 @@ def test_stage_stops_before_any_work_on_a_params_error(tmp_path, write_params):
     assert (out / "arrays.npz").read_bytes() == b"previous output"
 
 
-
 def test_dvc_repro_stops_at_check_params_before_any_stage_runs(tmp_path):
     """Under DVC a bad key stops the pipeline before any stage deletes its outputs."""
+    import shutil
     import subprocess
 
     import yaml
 
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    raw = yaml.safe_load((clone / "params.yaml").read_text())
+    root = tmp_path / "repo"
+    for package in ("fashionbench", "stages"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["model"]["depth"] = 41
-    (clone / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    result = subprocess.run(["dvc", "repro"], cwd=clone, capture_output=True, text=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for command in ("git init -q", "git config user.email ci@example.com", "git config user.name ci",
+                    "dvc init -q", "git add -A", "git commit -qm init"):
+        subprocess.run(command.split(), cwd=root, check=True)
+    result = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "model.depth: 41 is impossible" in output
+    assert "depth: 41 is impossible" in output and "6n+4" in output
     assert "Running stage 'check_params'" in output
     assert "Running stage 'download'" not in output
+    assert not (root / "data" / "params-checked").exists()

@@ -1,21 +1,49 @@
 """The training engine and the train stage, on tiny synthetic data."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import fashionbench.train as train_module
+from fashionbench.augment import normalise
 from fashionbench.data import Prepared, Split, save_prepared
-from fashionbench.models import load_trained, model_arch
+from fashionbench.models import load_trained
 from fashionbench.params import params_from_dict
-from fashionbench.train import DivergedError, fit
+from fashionbench.train import (DivergedError, Runtime, RunLockedError, checkpoint_root, evaluate, fit,
+                                precise_bn, run_lock)
 from stages.train import main as train_main
 from tests.conftest import invoke
 
+CPU = Runtime(torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def checkpoints(tmp_path, monkeypatch):
+    """Every test's checkpoint root: a fresh folder, never ~/.cache."""
+    root = tmp_path / "checkpoints"
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(root))
+    return root
+
+
+@pytest.fixture
+def epochs_trained(monkeypatch):
+    """A list that grows by one epoch number each time fit trains an epoch (not a replay)."""
+    trained = []
+    original = train_module.train_one_epoch
+
+    def counting(*args, **kwargs):
+        trained.append(kwargs.get("epoch"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_module, "train_one_epoch", counting)
+    return trained
+
 
 def synthetic(n: int, seed: int = 0) -> Split:
-    """Learnable images: class k is noise plus a bright band at rows 2k..2k+3."""
+    """Learnable images: class k is noise plus a bright band at rows 2k+4..2k+6."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10
     images = rng.integers(0, 60, (n, 28, 28))
@@ -24,98 +52,347 @@ def synthetic(n: int, seed: int = 0) -> Split:
     return Split(images.astype(np.uint8), labels.astype(np.int64))
 
 
-def recipe_of(params_dict, run, **changes):
-    """A tiny, CPU recipe of section `run` from the repository's params.yaml."""
+def recipe_of(params_dict, row, **changes):
+    """A tiny CPU recipe of deep row `row` from the repository's params.yaml."""
     params_dict["quick"] = False
-    section = params_dict[run]
+    section = params_dict[row]
     section.update({"epochs": 2, "batch_size": 16, "device": "cpu", "checkpoint_every": 1} | changes)
-    if run in ("wrn", "se_wrn"):
+    if row in ("wrn", "se_wrn"):
         params_dict["model"] |= {"depth": 10, "widen": 1}
-    params = params_from_dict(params_dict)
-    return params.recipe(run), model_arch(params, run)
+    return params_from_dict(params_dict).recipe(row)
+
+
+def run_fit(recipe, train, val=None, **kwargs):
+    kwargs = {"mean": 0.3, "std": 0.3, "seed": 5, "progress": False} | kwargs
+    return fit(recipe.model, recipe.arch, recipe, train, val, **kwargs)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill after an epoch's checkpoint was written."""
+
+
+def interrupt_after(epoch: int):
+    def on_epoch(metrics):
+        if metrics["epoch"] == epoch:
+            raise Interrupted
+    return on_epoch
+
+
+def run_folder(checkpoint_dir):
+    """The one run folder fit made under `checkpoint_dir`."""
+    folders = [p for p in checkpoint_dir.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+# ---------------------------------------------------------------- fit
 
 
 def test_a_tiny_run_lowers_the_loss(params_dict):
-    recipe, arch = recipe_of(params_dict, "mlp", epochs=3, lr=0.01, schedule="constant", warmup_epochs=0.0)
-    result = fit("mlp", arch, recipe, synthetic(160), synthetic(40, 1), mean=0.3, std=0.3,
-                 seed=0, progress=False)
+    recipe = recipe_of(params_dict, "mlp", epochs=3, lr=0.01, schedule="constant", warmup_epochs=0.0)
+    result = run_fit(recipe, synthetic(160), synthetic(40, 1), seed=0)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < first["train_loss"]
     assert last["val_acc"] > 0.5 and not result.model.training
+    assert result.precise_bn == {}  # an MLP has no batch norm to recompute
 
 
-@pytest.mark.parametrize("run, changes", [
-    ("cnn", {"augment": {"crop_pad": 2, "translate": 0.1, "hflip": 0.5, "jitter": 0.2, "jitter_p": 0.5,
-                         "erase_p": 0.5, "erase_scale": [0.1, 0.2], "cutout": 0, "mixup": 0.0, "cutmix": 0.5}}),
-    ("se_wrn", {"ema": 0.9, "grad_clip": 1.0, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 1.0}),
+@pytest.mark.parametrize("row, stop_after, changes", [
+    ("cnn", 1, {"augment": {"crop_pad": 2, "translate": 0.1, "hflip": 0.5, "jitter": 0.2, "jitter_p": 0.5,
+                            "erase_p": 0.5, "cutmix": 0.5}}),
+    ("se_wrn", 1, {"ema": 0.9, "grad_clip": 1.0, "optimizer": "sgd", "schedule": "cosine",
+                   "warmup_epochs": 1.0}),
+    ("resnet7", 2, {"epochs": 3, "arch": {"width": 8}, "precise_bn": 24, "augment": {"mixup": 0.4}}),
 ])
-def test_resume_gives_bit_identical_weights(params_dict, tmp_path, run, changes):
-    recipe, arch = recipe_of(params_dict, run, **changes)
-    train, kwargs = synthetic(32), {"mean": 0.3, "std": 0.3, "seed": 5, "progress": False}
-    whole = fit(recipe.model, arch, recipe, train, None, checkpoint=tmp_path / "whole.pt", **kwargs)
+def test_resume_after_an_interruption_gives_bit_identical_weights(params_dict, tmp_path, epochs_trained,
+                                                                  row, stop_after, changes):
+    recipe = recipe_of(params_dict, row, **changes)
+    train = synthetic(32)
+    whole = run_fit(recipe, train)
+    assert epochs_trained == list(range(1, recipe.epochs + 1))
 
-    def stop_after_first_epoch(metrics):
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        fit(recipe.model, arch, recipe, train, None, checkpoint=tmp_path / "cut.pt",
-            on_epoch=stop_after_first_epoch, **kwargs)
+    checkpoints = tmp_path / "run"
+    replayed = []
+    with pytest.raises(Interrupted):
+        run_fit(recipe, train, checkpoint_dir=checkpoints,
+                on_epoch=lambda m: replayed.append(m) or interrupt_after(stop_after)(m))
+    folder = run_folder(checkpoints)
+    assert (folder / "checkpoint.pt").is_file()
+
+    epochs_trained.clear()
     seen = []
-    resumed = fit(recipe.model, arch, recipe, train, None, checkpoint=tmp_path / "cut.pt",
-                  on_epoch=lambda m: seen.append(m["epoch"]), **kwargs)
-    assert seen == [1, 2]  # the checkpointed epoch is replayed to the logger, then epoch 2 runs
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    resumed = run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=seen.append)
+    assert epochs_trained == list(range(stop_after + 1, recipe.epochs + 1))  # only the missing ones
+    assert [m["epoch"] for m in seen] == list(range(1, recipe.epochs + 1))  # checkpointed ones replayed first
+    assert seen[:stop_after] == replayed  # with the interrupted run's metrics and timings
+    same_weights(whole.model, resumed.model)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    assert {k: v for k, v in resumed.precise_bn.items() if k != "precise_bn_time_s"} == \
+        {k: v for k, v in whole.precise_bn.items() if k != "precise_bn_time_s"}
+    assert not (folder / "checkpoint.pt").exists()
 
 
-def test_a_checkpoint_of_other_params_is_ignored(params_dict, tmp_path):
-    recipe, arch = recipe_of(params_dict, "mlp", epochs=1, warmup_epochs=0.0)
-    fit("mlp", arch, recipe, synthetic(32), None, mean=0.3, std=0.3, seed=0, progress=False,
-        checkpoint=tmp_path / "c.pt")
-    other = fit("mlp", arch, recipe, synthetic(32), None, mean=0.3, std=0.3, seed=1, progress=False,
-                checkpoint=tmp_path / "c.pt")
-    assert [h["epoch"] for h in other.history] == [1]
+def test_a_finished_run_leaves_no_checkpoint_and_a_rerun_trains_from_epoch_0(params_dict, tmp_path,
+                                                                             epochs_trained):
+    recipe = recipe_of(params_dict, "cnn", epochs=2)
+    checkpoints, train = tmp_path / "run", synthetic(32)
+    first_metrics, second_metrics = [], []
+    first = run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=first_metrics.append)
+    folder = run_folder(checkpoints)
+    assert not (folder / "checkpoint.pt").exists() and not (folder / "lock").exists()
+    assert list(folder.iterdir()) == []
+
+    epochs_trained.clear()
+    second = run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=second_metrics.append)
+    assert epochs_trained == [1, 2]  # every epoch trained anew, none replayed
+    assert [m["epoch"] for m in second_metrics] == [1, 2]
+    assert [m["time_s"] for m in second_metrics] != [m["time_s"] for m in first_metrics]  # fresh timings
+    same_weights(first.model, second.model)  # the same seed trains the same weights
 
 
-def test_non_finite_loss_stops_with_advice(params_dict):
-    recipe, arch = recipe_of(params_dict, "mlp")
+def test_a_checkpoint_of_another_run_is_not_resumed(params_dict, tmp_path, epochs_trained):
+    recipe = recipe_of(params_dict, "mlp", epochs=2, warmup_epochs=0.0)
+    checkpoints, train = tmp_path / "run", synthetic(32)
+    with pytest.raises(Interrupted):
+        run_fit(recipe, train, checkpoint_dir=checkpoints, seed=0, on_epoch=interrupt_after(1))
+    epochs_trained.clear()
+    other = run_fit(recipe, train, checkpoint_dir=checkpoints, seed=1)  # another seed: another run
+    assert epochs_trained == [1, 2] and [h["epoch"] for h in other.history] == [1, 2]
+    assert len([p for p in checkpoints.iterdir() if p.is_dir()]) == 2
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_training_completes(params_dict, tmp_path, caplog,
+                                                                       epochs_trained):
+    recipe = recipe_of(params_dict, "cnn", epochs=2)
+    checkpoints, train = tmp_path / "run", synthetic(32)
+    whole = run_fit(recipe, train)
+    with pytest.raises(Interrupted):
+        run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=interrupt_after(1))
+    checkpoint = run_folder(checkpoints) / "checkpoint.pt"
+    content = checkpoint.read_bytes()
+    checkpoint.write_bytes(content[:len(content) // 3])  # a truncated write
+
+    epochs_trained.clear()
+    with caplog.at_level(logging.WARNING, logger="fashionbench.train"):
+        result = run_fit(recipe, train, checkpoint_dir=checkpoints)
+    aside = checkpoint.with_name("checkpoint.pt.unreadable")
+    assert aside.is_file() and aside.read_bytes() == content[:len(content) // 3]
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert str(checkpoint) in warning and str(aside) in warning and "epoch 0" in warning
+    assert epochs_trained == [1, 2] and [h["epoch"] for h in result.history] == [1, 2]
+    same_weights(whole.model, result.model)  # trained from scratch, exactly as an uninterrupted run
+    assert not checkpoint.exists()
+
+
+def test_a_second_trainer_of_the_same_run_is_refused(params_dict, tmp_path, epochs_trained):
+    recipe = recipe_of(params_dict, "mlp", epochs=2, warmup_epochs=0.0)
+    checkpoints, train = tmp_path / "run", synthetic(32)
+    with pytest.raises(Interrupted):
+        run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=interrupt_after(1))
+    folder = run_folder(checkpoints)
+
+    epochs_trained.clear()
+    with run_lock(folder):  # another trainer holds the run
+        with pytest.raises(RunLockedError, match=r"another process is training this run.*lock"):
+            run_fit(recipe, train, checkpoint_dir=checkpoints)
+        assert epochs_trained == []  # refused before training anything
+        assert (folder / "checkpoint.pt").is_file()  # and before touching the checkpoint
+        run_fit(recipe, train, checkpoint_dir=checkpoints, seed=6)  # another run is not blocked
+    epochs_trained.clear()
+    resumed = run_fit(recipe, train, checkpoint_dir=checkpoints)  # once released, it resumes
+    assert epochs_trained == [2] and len(resumed.history) == 2
+
+
+def test_a_run_holds_its_lock_while_training(params_dict, tmp_path):
+    recipe = recipe_of(params_dict, "mlp", epochs=2, warmup_epochs=0.0)
+    checkpoints, train = tmp_path / "run", synthetic(32)
+    refused = []
+
+    def second_trainer(metrics):
+        if metrics["epoch"] == 1:
+            with pytest.raises(RunLockedError):
+                with run_lock(run_folder(checkpoints)):
+                    pass
+            refused.append(True)
+    run_fit(recipe, train, checkpoint_dir=checkpoints, on_epoch=second_trainer)
+    assert refused == [True]
+
+
+def test_fit_reports_precise_bn_on_the_training_images(params_dict):
+    recipe = recipe_of(params_dict, "resnet7", epochs=1, arch={"width": 8}, precise_bn=20)
+    result = run_fit(recipe, synthetic(48))
+    bn = result.precise_bn
+    assert bn["precise_bn_images"] == 20
+    assert bn["precise_bn_layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    assert 0 <= bn["precise_bn_train_acc_before"] <= 1 and 0 <= bn["precise_bn_train_acc_after"] <= 1
+    off = run_fit(recipe_of(params_dict, "resnet7", epochs=1, arch={"width": 8}, precise_bn=0), synthetic(48))
+    assert off.precise_bn == {}
+
+
+def test_non_finite_loss_stops_with_advice(params_dict, tmp_path):
+    recipe = recipe_of(params_dict, "mlp")
     with pytest.raises(DivergedError, match=r"epoch 1, step 1 of 2.*lower lr.*grad_clip.*fp32"):
-        fit("mlp", arch, recipe, synthetic(32), None, mean=float("nan"), std=0.3, seed=0, progress=False)
+        run_fit(recipe, synthetic(32), mean=float("nan"), checkpoint_dir=tmp_path / "run")
+    with run_lock(run_folder(tmp_path / "run")):  # the failed run released its lock
+        pass
+
+
+# ---------------------------------------------------------------- precise batch norm
+
+
+def conv_bn_model(dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Dropout(dropout), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_precise_bn_gives_the_first_norm_the_exact_statistics_of_its_input(dropout):
+    model = conv_bn_model(dropout).train()
+    conv, bn, later = model[1], model[2], model[5]
+    for norm in (bn, later):  # stale statistics
+        norm.running_mean.fill_(7.0)
+        norm.running_var.fill_(0.01)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    images = torch.from_numpy(synthetic(50).images).unsqueeze(1)
+    mean, std = 0.25, 0.35
+
+    layers = precise_bn(model, images, mean=mean, std=std, batch_size=16, runtime=CPU)  # 16+16+16+2
+
+    assert layers == 2
+    with torch.no_grad():
+        out = conv(normalise(images, mean, std)).double()
+    expected_mean = out.mean(dim=(0, 2, 3))
+    expected_var = out.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
+    torch.testing.assert_close(bn.running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(later.running_mean, torch.full((3,), 7.0))
+    assert torch.isfinite(later.running_var).all() and (later.running_var > 0).all()
+    assert model.training  # the mode it had
+    for name, value in model.named_parameters():
+        assert torch.equal(value, weights[name]), name  # statistics only, never weights
+
+
+def test_precise_bn_without_batch_norm_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.from_numpy(synthetic(8).images).unsqueeze(1)
+    assert precise_bn(model, images, mean=0.3, std=0.3, batch_size=4, runtime=CPU) == 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_precise_bn_repairs_eval_accuracy_of_stale_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+                          nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
+    data = synthetic(200)
+    images, labels = torch.from_numpy(data.images).unsqueeze(1), torch.from_numpy(data.labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(40):
+        idx = torch.randint(0, 200, (32,))
+        loss = nn.functional.cross_entropy(model(normalise(images[idx], 0.3, 0.3)), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model[1].running_mean.fill_(3.0)  # statistics of weights that no longer exist
+    model[1].running_var.fill_(0.05)
+    kw = {"mean": 0.3, "std": 0.3, "batch_size": 64, "runtime": CPU}
+    before = evaluate(model, images, labels, **kw)["acc"]
+    precise_bn(model, images, **kw)
+    after = evaluate(model, images, labels, **kw)["acc"]
+    assert after >= before and after > 0.9, (before, after)
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def run_stage(args):
-    return invoke(train_main, args)
+def stage_args(row="cnn", seed=3):
+    return [row, "--seed", seed, "--params", "params.yaml", "--prepared", "prepared", "--models", "models",
+            "--metrics", "metrics/train", "--plots", "plots/train", "--no-progress"]
 
 
 @pytest.fixture
 def workdir(tmp_path, write_params, monkeypatch):
-    """params.yaml with a one-epoch CNN, and a tiny prepared dir, in a scratch directory."""
-    def tiny(raw):
-        raw["quick_run"]["cnn"] = {"epochs": 1, "batch_size": 32, "device": "cpu"}
-    write_params(tiny)
-    save_prepared(Prepared(synthetic(64), synthetic(20, 1), synthetic(20, 2), 0.3, 0.3), tmp_path / "prepared")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    """A scratch directory with params.yaml and a tiny prepared dir; returns a setup function."""
+    def setup(quick: bool = False, validation: bool = True):
+        def tiny(raw):
+            raw["quick"] = quick
+            raw["preprocess"]["validation_size"] = 20 if validation else 0
+            raw["cnn"] |= {"batch_size": 32, "device": "cpu", **({} if quick else {"epochs": 1})}
+        write_params(tiny)
+        val = synthetic(20, 1) if validation else None
+        save_prepared(Prepared(synthetic(64), val, synthetic(20, 2), 0.3, 0.3), tmp_path / "prepared")
+        monkeypatch.chdir(tmp_path)
+        return tmp_path
+    return setup
 
 
-def test_train_stage_writes_model_metrics_and_curves(workdir):
-    args = ["cnn", "--seed", 3, "--params", "params.yaml", "--prepared", "prepared", "--models", "models",
-            "--metrics", "metrics/train", "--plots", "plots/train", "--no-progress"]
-    result = run_stage(args)
+def test_train_stage_writes_model_metrics_and_curves(workdir, checkpoints):
+    root = workdir()
+    result = invoke(train_main, stage_args())
     assert result.exit_code == 0, result.output
-    metrics = json.loads((workdir / "metrics/train/cnn-seed3.json").read_text())
-    assert metrics["parameters"] == 824_458 and metrics["seed"] == 3 and metrics["quick"] is True
-    assert {"wall_time_s", "train_images_per_s", "device", "torch_version", "val_acc"} <= set(metrics)
-    model, meta = load_trained(workdir / "models/cnn/seed3/model.pt")
-    assert meta["epochs"] == 1 and meta["mean"] == 0.3
-    assert (workdir / "models/cnn/seed3/checkpoint.pt").is_file()
-    curve = workdir / "plots/train/cnn-seed3/plots/metrics/val/acc.tsv"
-    assert len(curve.read_text().splitlines()) == 2  # header and one epoch
-    assert run_stage(args).exit_code == 0  # a finished checkpoint makes the re-run instant
+    metrics = json.loads((root / "metrics/train/cnn-seed3.json").read_text())
+    assert metrics["run"] == "cnn-seed3" and metrics["model"] == "cnn" and metrics["seed"] == 3
+    assert metrics["architecture"] == "2-conv CNN, dropout 0.5"
+    assert metrics["recipe"].startswith("adamw onecycle LS 0.1 lr 0.002, batch 32; hflip 0.5; 1 epoch")
+    assert metrics["quick"] is False and metrics["trained_with_flips"] is True
+    assert metrics["parameters"] == 824_458 and metrics["epochs"] == 1
+    assert metrics["train_size"] == 64 and metrics["val_size"] == 20
+    assert {"wall_time_s", "train_images_per_s", "device", "hardware", "threads", "torch_version",
+            "train_loss", "train_acc", "val_loss", "val_acc"} <= set(metrics)
+    model, meta = load_trained(root / "models/cnn/seed3/model.pt")
+    assert meta["epochs"] == 1 and meta["mean"] == 0.3 and meta["seed"] == 3 and meta["hflip"] == 0.5
+    for curve in ("train/loss", "train/acc", "val/loss", "val/acc", "lr"):
+        lines = (root / f"plots/train/cnn-seed3/plots/metrics/{curve}.tsv").read_text().splitlines()
+        assert len(lines) == 2, curve  # header and one epoch
+    assert checkpoint_root() == checkpoints
+    assert len(list(checkpoints.iterdir())) == 1  # the run's folder, outside the workspace
+    assert not list(checkpoints.rglob("checkpoint.pt")) and not list(root.rglob("checkpoint.pt"))
+    assert invoke(train_main, stage_args()).exit_code == 0  # a forced re-run trains again
 
 
-def test_train_stage_rejects_an_unknown_model(workdir):
-    result = run_stage(["vgg", "--params", "params.yaml", "--prepared", "prepared", "--no-progress"])
-    assert result.exit_code == 2 and "error:" in result.output and "vgg" in result.output
+def test_train_stage_without_validation_and_quick(workdir):
+    root = workdir(quick=True, validation=False)
+    result = invoke(train_main, stage_args(seed=0))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics/train/cnn-seed0.json").read_text())
+    assert metrics["quick"] is True and metrics["epochs"] == 1  # params.yaml's 30, capped by the scale
+    assert metrics["val_size"] == 0 and "val_acc" not in metrics and "val_loss" not in metrics
+    assert load_trained(root / "models/cnn/seed0/model.pt")[1]["epochs"] == 1
+    curves = root / "plots/train/cnn-seed0/plots/metrics"
+    assert (curves / "train/acc.tsv").is_file() and not (curves / "val").exists()
+
+
+def test_train_stage_records_precise_bn(workdir, write_params):
+    root = workdir()
+    write_params(lambda raw: raw["resnet7"].update(
+        epochs=1, batch_size=32, device="cpu", arch={"width": 8}, precise_bn=48))
+    result = invoke(train_main, stage_args(row="resnet7", seed=0))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics/train/resnet7-seed0.json").read_text())
+    assert metrics["architecture"] == "ResNet-7, width 8"
+    assert metrics["precise_bn_images"] == 48 and metrics["precise_bn_layers"] == 6
+    assert {"precise_bn_train_acc_before", "precise_bn_train_acc_after"} <= set(metrics)
+    assert load_trained(root / "models/resnet7/seed0/model.pt")[1]["model"] == "resnet7"
+
+
+def test_train_stage_rejects_an_unknown_row(workdir):
+    root = workdir()
+    result = invoke(train_main, stage_args(row="vgg"))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "vgg" in lines[0] and "cnn, resnet7, mlp, wrn, se_wrn" in lines[0]
+    assert not (root / "models").exists() and not (root / "metrics").exists()

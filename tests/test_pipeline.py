@@ -1,0 +1,396 @@
+"""End-to-end: real `dvc repro`, `dvc exp run` and `dvc queue` in a copy of this repository.
+
+A module-scoped fixture copies the working tree's tracked files into a fresh git repository,
+drops the committed results (dvc.lock, metrics, plots, reports), writes a tiny quick-scale
+params.yaml, runs `dvc repro` once and commits what it produced. Every test then works on its
+own `cp -a` copy of that repository (and of its checkpoints folder), so no test sees another's
+experiments; FASHIONBENCH_CHECKPOINTS always points into the test's temporary folder.
+
+Each stage is a Python process that imports torch, so a run costs seconds per stage even at
+this scale. The experiments that re-run many stages start in the background, two at a time in
+their own copies, as soon as the baseline is committed; the cheaper tests run meanwhile and the
+experiment tests (at the end of the file) wait for their own run. Only the experiments of the
+selected tests are started (`-k` runs just what it needs).
+
+Which stages a command ran is read from DVC's own output ("Running stage 'x':" against
+"Stage 'x' didn't change, skipping" / "Stage 'x' is cached"); the tests also check stages they
+expect DVC to skip, so a change in that wording fails them instead of passing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REAL_SOURCE, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
+
+DEEP_ROWS = ("cnn", "resnet7", "mlp", "wrn", "se_wrn")
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+RAN = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change|is cached)")
+MLP_EPOCHS = 2  # the one row that trains two epochs: it writes a checkpoint a re-run could resume
+TIMEOUT_S = 1800  # per command; generous because the development machine is often busy
+
+
+def tiny_params(raw: dict) -> dict:
+    """The repository's params.yaml at a scale where the whole DAG runs in a few minutes."""
+    raw["quick"] = True
+    raw["seeds"] = [0]
+    raw["quick_scale"] = {"train_size": 200, "validation_size": 50, "test_size": 100,
+                          "epochs": MLP_EPOCHS, "epoch_images": {"default": 200},
+                          "tsne_size": 60, "pca_size": 60}
+    raw["download"]["sources"] = [str(REAL_SOURCE)]
+    raw["stats"] |= {"tsne_size": 60, "tsne_perplexity": 10.0, "pca_size": 60, "sprite_per_class": 2}
+    raw["svm"] = {"rbf": {"C": 10.0, "gamma": 0.01},
+                  "fast": {"features": "pca+hog", "pca_components": 20, "solver": "nystroem",
+                           "nystroem_components": 50, "cg_iterations": 10, "C": 200.0, "gamma": 0.25}}
+    raw["model"] |= {"depth": 10, "widen": 1}
+    raw["train_defaults"] |= {"precise_bn": 64, "epochs": 1, "device": "cpu"}
+    for row in DEEP_ROWS:
+        raw[row]["epochs"] = 1
+    raw["mlp"]["epochs"] = MLP_EPOCHS
+    raw["resnet7"]["arch"]["width"] = 8
+    raw["evaluate"] |= {"device": "cpu", "gallery_size": 4, "gradcam_images": 2}
+    # Every recipe of the repository sets its own lr; here mlp inherits train_defaults' lr,
+    # so `-S train_defaults.lr` has a row to reach (cnn keeps its own, as in the repository).
+    raw["mlp"].pop("lr")
+    return raw
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: float = TIMEOUT_S,
+        check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done.output = done.stdout + done.stderr
+    if check:
+        assert done.returncode == 0, f"`{' '.join(args)}` exited {done.returncode}:\n{done.output}"
+    return done
+
+
+class Repo:
+    """One copy of the prepared repository, its checkpoints folder and its commands' environment."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.checkpoints = root.parent / "checkpoints"
+        self.env = {**os.environ, **GIT_IDENTITY, "FASHIONBENCH_CHECKPOINTS": str(self.checkpoints),
+                    "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root.parent / "dvc-site")}
+
+    @classmethod
+    def copy_of(cls, prepared: Path, folder: Path) -> Repo:
+        """A `cp -a` copy of the prepared repository and its checkpoints, inside `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("repo", "checkpoints"):
+            subprocess.run(["cp", "-a", str(prepared.parent / name), str(folder / name)], check=True)
+        return cls(folder / "repo")
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["dvc", *args], self.root, self.env, check=check)
+
+    def git(self, *args: str) -> str:
+        return run(["git", *args], self.root, self.env).stdout
+
+    def python(self, *args: str) -> subprocess.CompletedProcess:
+        return run(["python", *args], self.root, self.env)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, raw: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def read_json(self, path: str) -> dict:
+        return json.loads((self.root / path).read_text())
+
+    def exp_json(self, name: str, path: str) -> dict:
+        """`path` as experiment `name` committed it (refs/exps/.../<name>)."""
+        refs = [r for r in self.git("for-each-ref", "--format=%(refname)", "refs/exps").split()
+                if r.rsplit("/", 1)[-1] == name]
+        assert len(refs) == 1, f"experiment {name}: refs {refs}"
+        return json.loads(self.git("show", f"{refs[0]}:{path}"))
+
+    def head_json(self, path: str) -> dict:
+        """`path` as the baseline commit has it."""
+        return json.loads(self.git("show", f"HEAD:{path}"))
+
+
+def stages_ran(output: str) -> set[str]:
+    return set(RAN.findall(output))
+
+
+def stages_skipped(output: str) -> set[str]:
+    return set(SKIPPED.findall(output))
+
+
+def deep_trains(stages: set[str]) -> set[str]:
+    return {s for s in stages if s.startswith("train_") and not s.startswith("train_svm")}
+
+
+def all_deep_trains(seed: int = 0) -> set[str]:
+    return {f"train_{row}@{seed}" for row in DEEP_ROWS}
+
+
+# ---------------------------------------------------------------- the prepared repository
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A committed git+DVC repository of this checkout with the tiny pipeline run once
+    (<base>/repo), and the checkpoints folder that run used (<base>/checkpoints)."""
+    if shutil.which("dvc") is None:
+        pytest.skip("dvc is not installed")
+    if not REAL_SOURCE.is_dir():
+        pytest.skip("real Fashion-MNIST files absent (apt-get install dataset-fashion-mnist)")
+    base = tmp_path_factory.mktemp("pipeline")
+    root = base / "repo"
+    root.mkdir()
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if (REPO / rel).is_file():  # tracked but deleted in the working tree: not copied
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    # Start empty: no lock, no results of the real runs (DVC rewrites predictions/.gitignore).
+    (root / "dvc.lock").unlink(missing_ok=True)
+    (root / "predictions" / ".gitignore").unlink(missing_ok=True)
+    for folder in ("metrics", "plots", "reports"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    repo = Repo(root)
+    repo.write_params(tiny_params(repo.params()))
+    repo.git("init", "-q")
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "tiny pipeline")
+    done = repo.dvc("repro")
+    assert stages_ran(done.output) >= all_deep_trains() | {"compare", "train_svm@fast"}, done.output
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "tiny results")
+    assert repo.git("status", "--porcelain") == ""
+    repo.checkpoints.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture
+def repo(prepared: Path, tmp_path: Path) -> Repo:
+    """A private copy of the prepared repository."""
+    return Repo.copy_of(prepared, tmp_path)
+
+
+# The experiments that re-run many stages: test -> (experiment name, -S settings).
+EXPERIMENTS = {
+    "test_model_shape_override_reruns_only_the_wrn_family": ("wrn16", ["model.depth=16", "model.widen=1"]),
+    "test_inherited_key_in_train_defaults_reruns_every_deep_row": ("lr-all", ["train_defaults.lr=0.0005"]),
+    # A key the section lists is set with -S; one it inherits needs DVC's `+` (it adds the key).
+    "test_keys_set_on_one_recipe_rerun_only_that_row": ("cnn-keys", ["cnn.lr=0.0005",
+                                                                     "+cnn.batch_size=64"]),
+    "test_seed_list_override_leaves_no_old_seed_in_the_table": ("seed1", ["seeds=[1]"]),
+}
+
+
+def _experiment(prepared: Path, folder: Path, name: str, settings: list[str]):
+    repo = Repo.copy_of(prepared, folder)
+    command = ["exp", "run", "--name", name]
+    for setting in settings:
+        command += ["-S", setting]
+    return repo, repo.dvc(*command, check=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def experiments(request: pytest.FixtureRequest, prepared: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
+    """`dvc exp run --name <name> -S ...` of each selected experiment test, in the background,
+    two at a time, each in its own copy: test name -> Future of (Repo, CompletedProcess)."""
+    selected = {item.name for item in request.session.items}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {test: pool.submit(_experiment, prepared, tmp_path_factory.mktemp(name), name, settings)
+               for test, (name, settings) in EXPERIMENTS.items() if test in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def experiment(experiments: dict[str, Future], request: pytest.FixtureRequest):
+    """This test's experiment: (its repository copy, name, the finished `dvc exp run`)."""
+    repo, done = experiments[request.node.name].result()
+    name, settings = EXPERIMENTS[request.node.name]
+    assert done.returncode == 0, f"dvc exp run {' '.join(settings)} exited {done.returncode}:\n{done.output}"
+    return repo, name, done
+
+
+# ---------------------------------------------------------------- workspace commands
+
+
+def test_removed_svm_recipe_leaves_the_table(repo):
+    raw = repo.params()
+    del raw["svm"]["rbf"]
+    repo.write_params(raw)
+    done = repo.dvc("repro", "compare")
+    assert "compare" in stages_ran(done.output), done.output
+    table = repo.read_json("metrics/compare.json")
+    assert "svm-rbf" not in table and "svm-fast" in table, list(table)
+    results = (repo.root / "reports/results.md").read_text()
+    assert "| svm-rbf |" not in results and "| svm-fast |" in results, results
+
+
+def test_forced_rerun_trains_from_epoch_zero(repo):
+    # The checkpoints folder is the one the baseline's training used: had that finished run
+    # left a checkpoint behind, this identical run (same fingerprint) would resume from it.
+    runs_before = sorted(p.name for p in repo.checkpoints.iterdir())
+    assert runs_before  # one folder per trained run, named by its fingerprint
+    before = repo.read_json("metrics/train/mlp-seed0.json")
+    done = repo.dvc("repro", "-f", "-s", "train_mlp@0")
+    # the same run (fingerprint) as the baseline's: a checkpoint left there would be found
+    assert sorted(p.name for p in repo.checkpoints.iterdir()) == runs_before
+    assert stages_ran(done.output) == {"train_mlp@0"}, done.output
+    assert "resuming" not in done.output, done.output
+    after = repo.read_json("metrics/train/mlp-seed0.json")
+    assert after["epochs"] == MLP_EPOCHS
+    assert after["wall_time_s"] != before["wall_time_s"]
+    for curve in ("train/loss", "val/acc"):
+        tsv = repo.root / "plots/train/mlp-seed0/plots/metrics" / f"{curve}.tsv"
+        steps = [int(line.split("\t")[0]) for line in tsv.read_text().strip().splitlines()[1:]]
+        assert steps == list(range(MLP_EPOCHS)), tsv.read_text()
+    assert not list(repo.checkpoints.rglob("checkpoint.pt"))  # finished: nothing left to resume
+
+
+def run_with_a_bad_key(repo: Repo):
+    """`dvc repro` with train_defaults.lrr: 1; (its result, models/cnn/seed0/model.pt, its bytes)."""
+    model = repo.root / "models/cnn/seed0/model.pt"
+    saved = model.read_bytes()
+    raw = repo.params()
+    raw["train_defaults"]["lrr"] = 1
+    repo.write_params(raw)
+    return repo.dvc("repro", check=False), model, saved
+
+
+def test_bad_key_stops_repro_before_any_output_is_deleted(repo):
+    done, model, saved = run_with_a_bad_key(repo)
+    assert done.returncode != 0, done.output
+    assert stages_ran(done.output) == {"check_params"}, done.output
+    assert "lrr" in done.output and "did you mean 'lr'?" in done.output, done.output
+    assert model.is_file() and model.read_bytes() == saved
+    assert (repo.root / "metrics/compare.json").is_file()
+
+
+def test_bad_key_message_names_the_key_as_written(repo):
+    done, _, _ = run_with_a_bad_key(repo)
+    assert done.returncode != 0, done.output
+    assert "params.yaml: train_defaults.lrr: unknown key" in done.output, done.output
+
+
+def test_non_boolean_quick_is_refused(repo):
+    # check_params alone decides this: any stage that reads `quick` runs after it. (Targeting
+    # it keeps the test cheap when `quick` is wrongly accepted and everything would re-run.)
+    done = repo.dvc("exp", "run", "-S", "quick=yes", "check_params", check=False)
+    assert done.returncode != 0, done.output
+    assert re.search(r"params\.yaml: quick: must be bool", done.output), done.output
+
+
+def test_quick_check_leaves_the_workspace_clean(repo):
+    # The baseline `--update-baseline` would write: the quick run's table, which is the
+    # committed metrics/compare.json here (quick is already on, so every stage is cached).
+    shutil.copy(repo.root / "metrics/compare.json", repo.root / "reports/quick-baseline.json")
+    repo.git("add", "reports/quick-baseline.json")
+    repo.git("commit", "-qm", "quick baseline")
+    lock = (repo.root / "dvc.lock").read_bytes()
+    done = repo.python("-m", "fashionbench.quick")
+    assert "| svm-fast |" in done.stdout, done.output  # the quick run's results table
+    assert re.search(r"^Row +Metric +baseline +quick run +Change$", done.stdout, re.M), done.output
+    for row in ("svm-rbf", "svm-fast", *DEEP_ROWS, "ensemble"):
+        assert re.search(rf"^{row} +accuracy +([0-9.]+) +\1 +\+0\.0000$", done.stdout, re.M), done.output
+    assert "ok: no row's accuracy dropped" in done.stdout, done.output
+    assert repo.git("status", "--porcelain") == ""
+    assert (repo.root / "dvc.lock").read_bytes() == lock
+    assert re.search(r"refs/exps/.*/quick-\d{8}-\d{6}$",
+                     repo.git("for-each-ref", "--format=%(refname)", "refs/exps"), re.M)
+
+
+# ---------------------------------------------------------------- experiments (background)
+
+
+def test_model_shape_override_reruns_only_the_wrn_family(experiments, request):
+    from fashionbench.models import build_model, count_parameters
+    from fashionbench.models.wrn import WRNConfig
+
+    repo, name, done = experiment(experiments, request)
+    ran, skipped = stages_ran(done.output), stages_skipped(done.output)
+    assert deep_trains(ran) == {"train_wrn@0", "train_se_wrn@0"}, done.output
+    assert {"evaluate@wrn-0", "evaluate@se_wrn-0", "compare"} <= ran, done.output
+    assert not ran & {"train_svm@rbf", "train_svm@fast", "evaluate@cnn-0"}, done.output
+    assert {"train_cnn@0", "train_svm@rbf", "train_svm@fast"} <= skipped, done.output
+
+    wrn_16_1 = build_model("wrn", WRNConfig(
+        depth=16, widen=1, dropout=repo.params()["model"]["dropout"], block="post", se_reduction=0,
+        drop_path=0.0, drop_path_mode="sample"))
+    metrics = repo.exp_json(name, "metrics/train/wrn-seed0.json")
+    assert metrics["parameters"] == count_parameters(wrn_16_1)
+    assert metrics["architecture"].startswith("WRN-16-1 ")
+    assert repo.head_json("metrics/train/wrn-seed0.json")["parameters"] != metrics["parameters"]
+
+
+def test_inherited_key_in_train_defaults_reruns_every_deep_row(experiments, request):
+    repo, name, done = experiment(experiments, request)
+    ran, skipped = stages_ran(done.output), stages_skipped(done.output)
+    assert deep_trains(ran) == all_deep_trains(), done.output
+    assert {f"evaluate@{row}-0" for row in DEEP_ROWS} | {"compare"} <= ran, done.output
+    assert {"train_svm@rbf", "train_svm@fast"} <= skipped, done.output
+    # mlp inherits lr and takes the new value; a recipe that sets its own lr keeps it
+    assert "lr 0.002," in repo.head_json("metrics/train/mlp-seed0.json")["recipe"]
+    assert "lr 0.0005," in repo.exp_json(name, "metrics/train/mlp-seed0.json")["recipe"]
+    assert "lr 0.002," in repo.exp_json(name, "metrics/train/cnn-seed0.json")["recipe"]
+
+
+def test_keys_set_on_one_recipe_rerun_only_that_row(experiments, request):
+    repo, name, done = experiment(experiments, request)
+    cnn = yaml.safe_load(repo.git("show", "HEAD:params.yaml"))["cnn"]
+    assert "lr" in cnn and "batch_size" not in cnn  # one explicit key, one inherited
+    ran, skipped = stages_ran(done.output), stages_skipped(done.output)
+    assert deep_trains(ran) == {"train_cnn@0"}, done.output
+    assert {"evaluate@cnn-0", "compare"} <= ran, done.output
+    assert all_deep_trains() - {"train_cnn@0"} <= skipped, done.output
+    assert "lr 0.002, batch 128;" in repo.head_json("metrics/train/cnn-seed0.json")["recipe"]
+    assert "lr 0.0005, batch 64;" in repo.exp_json(name, "metrics/train/cnn-seed0.json")["recipe"]
+
+
+def test_seed_list_override_leaves_no_old_seed_in_the_table(experiments, request):
+    repo, name, done = experiment(experiments, request)
+    assert deep_trains(stages_ran(done.output)) == all_deep_trains(seed=1), done.output
+    assert (repo.root / "metrics/train/cnn-seed0.json").is_file()  # seed 0's files are still there
+    table = repo.exp_json(name, "metrics/compare.json")
+    for row in DEEP_ROWS:
+        assert table[row]["runs"] == 1 and table[row]["seeds"] == [1], (row, table[row])
+
+
+def test_queued_svm_experiments_rerun_no_deep_training(repo):
+    names = {"svm-c100": "svm.fast.C=100", "svm-c300": "svm.fast.C=300"}
+    for name, setting in names.items():
+        repo.dvc("exp", "run", "--queue", "--name", name, "-S", setting)
+    # The workers are forked daemons that keep inherited pipes open: give them none.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo.root, env=repo.env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(s in (status := repo.dvc("queue", "status").stdout) for s in ("Queued", "Running")):
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo.root, env=repo.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert "Failed" not in status, status
+    for name in names:
+        log = repo.dvc("queue", "logs", name).output
+        ran = stages_ran(log)
+        assert {s for s in ran if s.startswith("train_")} == {"train_svm@fast"}, log
+        assert {"evaluate_svm@fast", "compare"} <= ran, log
+        assert all_deep_trains() <= stages_skipped(log), log
+    c100, c300 = (repo.exp_json(name, "metrics/train/svm-fast.json") for name in names)
+    assert c100 != c300
