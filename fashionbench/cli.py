@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -53,11 +53,19 @@ def stop_with_dvc(poll_s: float = 2.0) -> None:
     """When run by `dvc repro`/`dvc exp run`, end this process if that dvc process dies.
 
     A killed dvc would otherwise leave its stage running, and a re-run would train the same
-    run beside it. A daemon thread polls the dvc ancestor and interrupts the main thread.
+    run beside it. A daemon thread polls the dvc ancestor and, when it is gone, sends this
+    process SIGTERM, which the main thread turns into SystemExit: locks are released and no
+    half-written file is left (DVC starts stages with SIGINT ignored, so an interrupt
+    would not reach them). Call from the main thread.
     """
     owner = next((pid for pid in _ancestors() if _is_dvc(pid)), None)
     if owner is None:
         return
+
+    def exit_on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_term)
 
     def watch() -> None:
         while True:
@@ -67,7 +75,7 @@ def stop_with_dvc(poll_s: float = 2.0) -> None:
             except ProcessLookupError:
                 typer.echo(f"error: the dvc process {owner} that started this stage is gone; stopping",
                            err=True)
-                _thread.interrupt_main()
+                os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     threading.Thread(target=watch, daemon=True, name="stop-with-dvc").start()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fashionbench.dataset import CLASS_NAMES, FILES, IMAGE_SIDE  # noqa: F401 (CLASS_NAMES re-exported)
+from fashionbench.dataset import FILES, IMAGE_SIDE
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, write_json
 from fashionbench.params import Sizes

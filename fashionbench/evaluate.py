@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fashionbench.augment import normalise
-from fashionbench.data import CLASS_NAMES, Split, load_prepared
-from fashionbench.dataset import CLASSES as NUM_CLASSES
+from fashionbench.data import Split, load_prepared
+from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from fashionbench.dataset import CLASSES, IMAGE_SIDE, TEST_IMAGES, TRAIN_IMAGES
 from fashionbench.errors import UserError
@@ -388,14 +388,21 @@ class Params:
                                    pca_size=self.quick_scale.pca_size)
 
 
+def read_yaml(path: Path) -> Any:
+    """params.yaml as plain Python values, read as YAML 1.2 like DVC writes it: `yes`, `no`,
+    `on` and `off` are strings there (PyYAML's YAML 1.1 would take them for booleans and let
+    `-S quick=yes` pass as true while DVC records the string)."""
+    return YAML(typ="safe", pure=True).load(path.read_text())
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read, merge defaults into recipes, and validate params.yaml."""
     path = Path(path)
     if not path.exists():
         raise ParamsError("(file)", f"{path} not found: run from the repository root")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        raw = read_yaml(path)
+    except YAMLError as err:
         raise ParamsError("(file)", f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ParamsError("(file)", f"{path} must be a mapping of sections")
@@ -413,8 +420,6 @@ def resolve(raw: Mapping[str, Any]) -> dict:
     A top-level section holding a `model:` key is a deep row; any other key that is not a
     known section is a mistake (with a did-you-mean).
     """
-    from fashionbench.models.registry import UnknownModelError, shared_sections
-
     rows = {k: v for k, v in raw.items() if isinstance(v, Mapping) and "model" in v}
     for key in raw:
         if key not in TOP_LEVEL and key not in rows:
@@ -497,7 +502,7 @@ class Plan:
 
 def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     """The Plan of params.yaml (errors as load_params gives them for the keys it reads)."""
-    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    raw = read_yaml(Path(path)) if Path(path).is_file() else None
     if not isinstance(raw, dict):
         raise ParamsError("(file)", f"{path} not found or not a mapping: run from the repository root")
     deep = [k for k, v in raw.items() if isinstance(v, Mapping) and "model" in v]

@@ -34,10 +34,11 @@ SEED_REPORTED = {
     "mlp": "0.851 (2nd report)", "wrn": "0.9573 (WRN-40-4)", "se_wrn": "0.9602 (SE-WRN-40-4)",
 }
 
-# How long a row nobody has run at full scale would take. Seconds per epoch of WRN-40-4 on the
-# 2-core development CPU (about 1 GMAC per image forward, ~20 GFLOP/s in fp32) and on the
-# seed report's GPU (its 15 s/epoch); the rbf_scaled fit was timed at 54 min on one core.
-NOT_RUN_EPOCH_S = {"wrn": (1020, 15), "se_wrn": (1100, 15)}
+# How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
+# development CPU (AMD EPYC, fp32; ResNet-7 measured, the WRNs from their ~1 GMAC per image
+# forward) and on the seed report's GPU (its 15 s/epoch for SE-WRN-40-4; None: not known);
+# the rbf_scaled fit was timed at 54 min on one core.
+NOT_RUN_EPOCH_S = {"resnet7": (480, None), "wrn": (1020, 15), "se_wrn": (1100, 15)}
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 
@@ -203,8 +204,9 @@ def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
     if row in NOT_RUN_EPOCH_S and row in plan.epochs:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
         epochs = plan.epochs[row]
-        estimate = (f"{epochs} epochs: ~{epochs * cpu_s / 3600:.0f} h on the 2-core CPU, "
-                    f"~{epochs * gpu_s / 3600:.1f} h on the seed's GPU")
+        estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU"
+        if gpu_s is not None:
+            estimate += f", ~{epochs * gpu_s / 3600:.1f} h on the seed's GPU"
     return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate,
             "scale": "quick" if plan.quick else "full", "seed_reported": SEED_REPORTED.get(row, "-")}
 

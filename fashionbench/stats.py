@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionbench.data import CLASS_NAMES, Split
+from fashionbench.data import Split
+from fashionbench.dataset import CLASS_NAMES
 from fashionbench.io import save_figure
 from fashionbench.params import Stats
 

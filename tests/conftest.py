@@ -84,3 +84,12 @@ def real_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("real") / "raw"
     data.download((str(REAL_SOURCE),), dest, timeout=5)
     return dest
+
+
+def with_train_stats(train, val, test):
+    """A Prepared whose mean/std are its training images' own, as preprocess computes them
+    (load_prepared checks that the stats belong to the arrays)."""
+    from fashionbench.data import Prepared
+
+    pixels = train.images.astype(np.float64) / 255.0
+    return Prepared(train, val, test, float(pixels.mean()), float(pixels.std()))

@@ -13,10 +13,10 @@ from sklearn.preprocessing import StandardScaler
 from skimage.feature import hog
 
 from fashionbench import classical as cl
-from fashionbench.data import Prepared, Split, load_prepared, save_prepared
+from fashionbench.data import Split, load_prepared, save_prepared
 from fashionbench.params import SVM, ParamsError, load_params, params_from_dict
 from stages.train_svm import main as train_svm_main
-from tests.conftest import REPO, invoke
+from tests.conftest import REPO, invoke, with_train_stats
 
 BASE = SVM(features="raw", hog_input="pixels", scale=False, kernel="rbf", C=10.0, gamma=0.0, degree=3, hog_cells=(4,),
            hog_block=2, pca_components=0, solver="libsvm", nystroem_components=0, cg_iterations=20,
@@ -279,7 +279,7 @@ def run_stage(args):
 @pytest.fixture
 def repo(tmp_path, write_params, monkeypatch, train, test):
     """A repository root with a tiny synthetic prepared split; returns a params writer."""
-    save_prepared(Prepared(train, None, test, 0.3, 0.35), tmp_path / "data/prepared")
+    save_prepared(with_train_stats(train, None, test), tmp_path / "data/prepared")
     monkeypatch.chdir(tmp_path)
     return write_params
 
@@ -388,7 +388,7 @@ def dvc_repo_with_the_train_svm_stage(root) -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     wanted = {name: stages[name] for name in ("check_params", "train_svm")}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": wanted}, sort_keys=False))
-    save_prepared(Prepared(synthetic(10), None, synthetic(3, seed=1), 0.3, 0.35), root / "data/prepared")
+    save_prepared(with_train_stats(synthetic(10), None, synthetic(3, seed=1)), root / "data/prepared")
     (root / ".gitignore").write_text("/models/\n")
     for command in ("git init -q", "git config user.email ci@example.com", "git config user.name ci",
                     "dvc init -q", "git add -A", "git commit -qm init"):

@@ -1,4 +1,4 @@
-"""What every stage script shares: clean errors, and stopping with the dvc that started it."""
+"""What every stage script shares: stopping with the dvc process that started it."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A stand-in for `dvc repro`: runs a stage-like child through a shell, as DVC does, prints the
-# child's pid and waits for it.
-FAKE_DVC = """
-import subprocess, sys
-stage = ("from fashionbench.cli import stop_with_dvc; stop_with_dvc(0.2); import time\\n"
-         "for _ in range(600): time.sleep(0.1)")
-child = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{stage}'"])
-print(child.pid, flush=True)
-child.wait()
+STAGE = """
+import os, time
+from pathlib import Path
+from fashionbench.cli import stop_with_dvc
+stop_with_dvc(0.2)
+Path("stage.pid").write_text(str(os.getpid()))
+for _ in range(600):
+    time.sleep(0.1)
+Path("out.txt").write_text("done")
 """
 
 
@@ -35,19 +35,26 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_stage_stops_when_the_dvc_that_started_it_is_killed(tmp_path):
-    fake = tmp_path / "dvc"
-    fake.write_text(FAKE_DVC)
-    dvc = subprocess.Popen([sys.executable, str(fake)], stdout=subprocess.PIPE, text=True,
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    shell_pid = int(dvc.stdout.readline())
-    time.sleep(1.5)  # the stage has started its watcher
-    stage_pids = [int(p) for p in Path(f"/proc/{shell_pid}/task/{shell_pid}/children").read_text().split()] \
-        or [shell_pid]
-    assert all(_alive(p) for p in stage_pids)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "stage.py").write_text(STAGE)
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  slow:\n    cmd: {sys.executable} stage.py\n    deps: [stage.py]\n    outs: [out.txt]\n")
+    # Started as `nohup dvc repro &` from a script starts it: SIGINT ignored, which the stage
+    # inherits, so only a real signal of its own can stop it.
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stage = int(pid_file.read_text())
+    assert _alive(stage)
     dvc.send_signal(signal.SIGKILL)
     dvc.wait()
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in stage_pids) and time.monotonic() < deadline:
+    while _alive(stage) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in stage_pids), "the stage outlived the dvc that started it"
-
+    assert not _alive(stage), "the stage outlived the dvc process that started it"

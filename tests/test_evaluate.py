@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fashionbench import evaluate as ev
-from fashionbench.data import Prepared, Split, save_prepared
+from fashionbench.data import Split, save_prepared
 from fashionbench.models import build_model, load_trained, save_trained
 from fashionbench.models.cnn import CNNArch
 from fashionbench.models.mlp import MLPArch
@@ -19,7 +19,7 @@ from fashionbench.models.resnet7 import ResidualBlock, ResNet7Arch
 from fashionbench.models.wrn import Block, WRNConfig
 from fashionbench.params import load_params
 from stages.evaluate import main as evaluate_main
-from tests.conftest import REPO, invoke
+from tests.conftest import REPO, invoke, with_train_stats
 
 CPU = torch.device("cpu")
 LABELS = np.repeat(np.arange(10), 5)
@@ -36,7 +36,7 @@ def repo(tmp_path, write_params, monkeypatch):
     write_params(lambda p: p["evaluate"].update(device="cpu"))
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), LABELS.copy())
-    save_prepared(Prepared(split, None, split, 0.3, 0.35), tmp_path / "data/prepared")
+    save_prepared(with_train_stats(split, None, split), tmp_path / "data/prepared")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -231,7 +231,7 @@ def save_band_reader(path, hflip):
 
 def test_plain_accuracy_is_the_headline_and_tta_is_separate(repo):
     bands = band_images()
-    save_prepared(Prepared(bands, None, bands, 0.3, 0.35), repo / "data/prepared")
+    save_prepared(with_train_stats(bands, None, bands), repo / "data/prepared")
     save_band_reader(repo / "models/mlp/seed0/model.pt", hflip=0.5)
     metrics = ev.evaluate_run("mlp-seed0", load_params("params.yaml"))
     # plain: every image right; TTA: classes 7-9 tie with their mirror 6-4 and lose the tie

@@ -291,7 +291,10 @@ def test_non_boolean_quick_is_refused(repo):
     # check_params alone decides this: any stage that reads `quick` runs after it. (Targeting
     # it keeps the test cheap when `quick` is wrongly accepted and everything would re-run.)
     done = repo.dvc("exp", "run", "-S", "quick=yes", "check_params", check=False)
-    assert done.returncode != 0, done.output
+    written = [line for line in (repo.root / "params.yaml").read_text().splitlines()
+               if line.startswith("quick:")]
+    assert done.returncode != 0, f"params.yaml has {written} (PyYAML reads " \
+        f"{[yaml.safe_load(line) for line in written]}); dvc said:\n{done.output}"
     assert re.search(r"params\.yaml: quick: must be bool", done.output), done.output
 
 

@@ -10,13 +10,13 @@ from torch import nn
 
 import fashionbench.train as train_module
 from fashionbench.augment import normalise
-from fashionbench.data import Prepared, Split, save_prepared
+from fashionbench.data import Split, save_prepared
 from fashionbench.models import load_trained
 from fashionbench.params import params_from_dict
 from fashionbench.train import (DivergedError, Runtime, RunLockedError, checkpoint_root, evaluate, fit,
                                 precise_bn, run_lock)
 from stages.train import main as train_main
-from tests.conftest import invoke
+from tests.conftest import invoke, with_train_stats
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -333,7 +333,7 @@ def workdir(tmp_path, write_params, monkeypatch):
             raw["cnn"] |= {"batch_size": 32, "device": "cpu", **({} if quick else {"epochs": 1})}
         write_params(tiny)
         val = synthetic(20, 1) if validation else None
-        save_prepared(Prepared(synthetic(64), val, synthetic(20, 2), 0.3, 0.3), tmp_path / "prepared")
+        save_prepared(with_train_stats(synthetic(64), val, synthetic(20, 2)), tmp_path / "prepared")
         monkeypatch.chdir(tmp_path)
         return tmp_path
     return setup
