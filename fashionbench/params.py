@@ -88,7 +88,8 @@ class Preprocess:
     seed: int
 
     def __post_init__(self) -> None:
-        _require(self.validation_size >= 0, "validation_size", "must be >= 0 (0 = no validation split)")
+        _require(self.validation_size == 0 or self.validation_size >= CLASSES, "validation_size",
+                 f"must be 0 (no validation split) or at least {CLASSES} (one image per class)")
         _require(self.validation_size <= TRAIN_IMAGES - MIN_PER_CLASS * CLASSES, "validation_size",
                  f"{self.validation_size} leaves too few of the {TRAIN_IMAGES} training images; "
                  f"use at most {TRAIN_IMAGES - MIN_PER_CLASS * CLASSES}")
@@ -99,11 +100,6 @@ class Preprocess:
                  "validation split; lower it or use 0 for all")
         _require(self.subset_size == 0 or self.subset_size >= CLASSES, "subset_size",
                  f"must be 0 or at least {CLASSES} (one image per class)")
-
-    @property
-    def train_size(self) -> int:
-        """Training images kept after the split and the subset."""
-        return self.subset_size or TRAIN_IMAGES - self.validation_size
 
 
 @dataclass(frozen=True)
@@ -313,7 +309,8 @@ class QuickScale:
     def __post_init__(self) -> None:
         _require(CLASSES <= self.train_size <= TRAIN_IMAGES - self.validation_size, "train_size",
                  f"must be between {CLASSES} and the training images left after the validation split")
-        _require(self.validation_size >= 0, "validation_size", "must be >= 0")
+        _require(self.validation_size == 0 or self.validation_size >= CLASSES, "validation_size",
+                 f"must be 0 or at least {CLASSES} (one image per class)")
         _require(CLASSES <= self.test_size <= TEST_IMAGES, "test_size", f"must be in [{CLASSES}, {TEST_IMAGES}]")
         _require(self.epochs >= 1, "epochs", "must be >= 1")
         _require("default" in self.epoch_images, "epoch_images",
@@ -328,8 +325,6 @@ class QuickScale:
 
 # ---------------------------------------------------------------- the whole file
 
-# Sections that hold defaults for others rather than a row of the table.
-DEFAULTS = {"svm": "svm_defaults", "deep": "train_defaults", "shared_arch": "model"}
 TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "download", "stats", "preprocess",
              "svm_defaults", "svm", "model", "train_defaults", "evaluate", "compare")
 
@@ -355,6 +350,11 @@ class Params:
         for name in self.compare.ensemble:
             _require(name in self.recipes, "compare.ensemble",
                      f"unknown row {name!r}; deep rows: {', '.join(self.recipes)}")
+        for name in self.quick_scale.epoch_images:
+            _require(name == "default" or name in self.recipes, f"quick_scale.epoch_images.{name}",
+                     "not a deep row" + _did_you_mean(name, self.recipes) + f"; deep rows: {', '.join(self.recipes)}")
+        _require(self.quick_scale.tsne_size > self.stats.tsne_perplexity, "quick_scale.tsne_size",
+                 f"must be larger than stats.tsne_perplexity ({self.stats.tsne_perplexity:g})")
 
     def recipe(self, row: str) -> TrainRecipe:
         """The training recipe of deep row `row` (cnn, resnet7, mlp, wrn, se_wrn, ...), with
@@ -502,7 +502,10 @@ class Plan:
 
 def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     """The Plan of params.yaml (errors as load_params gives them for the keys it reads)."""
-    raw = read_yaml(Path(path)) if Path(path).is_file() else None
+    try:
+        raw = read_yaml(Path(path)) if Path(path).is_file() else None
+    except YAMLError as err:
+        raise ParamsError("(file)", f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ParamsError("(file)", f"{path} not found or not a mapping: run from the repository root")
     deep = [k for k, v in raw.items() if isinstance(v, Mapping) and "model" in v]

@@ -53,7 +53,8 @@ def run_experiment(name: str, overrides: list[str]) -> dict:
     for override in overrides:
         command += ["-S", override]
     typer.echo("$ " + " ".join(command))
-    env = {**GIT_IDENTITY, **os.environ}
+    configured = subprocess.run(["git", "config", "user.email"], capture_output=True, check=False)
+    env = dict(os.environ) if configured.stdout.strip() else {**GIT_IDENTITY, **os.environ}
     if subprocess.run(command, env=env, check=False).returncode != 0:
         raise UserError(f"the quick run failed (`{' '.join(command)}`): see the stage output above; "
                         "the committed results are untouched")
@@ -86,7 +87,11 @@ def main(update_baseline: bool = typer.Option(False, help="write this run's tabl
             return
         if not baseline.is_file():
             raise UserError(f"{baseline} not found: create it with --update-baseline")
-        old = json.loads(baseline.read_text())
+        try:
+            old = json.loads(baseline.read_text())
+        except ValueError as err:
+            raise UserError(f"{baseline} is unreadable ({err}): restore it from git or "
+                            "re-create it with --update-baseline") from None
     typer.echo(diff_table(old, table))
     problems = accuracy_drops(old, table, tolerance)
     if problems:

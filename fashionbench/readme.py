@@ -53,7 +53,10 @@ def main(readme: Path = Path("README.md"), metrics: Path = Path("metrics/compare
     with user_errors():
         if not metrics.is_file():
             raise UserError(f"{metrics} not found: run `dvc repro compare` first")
-        table = json.loads(metrics.read_text())
+        try:
+            table = json.loads(metrics.read_text())
+        except ValueError as err:
+            raise UserError(f"{metrics} is unreadable ({err}): run `dvc repro -s -f compare`") from None
         if check:
             if current_block(readme) != block(table):
                 typer.echo(f"error: {readme}'s results table differs from {metrics}: run "

@@ -70,9 +70,17 @@ def _read_json(path: Path) -> dict:
 
 def scores_from_predictions(path: Path) -> tuple[dict[str, float], float, float]:
     """(per-class accuracy, accuracy, macro F1) from a predictions/<id>.npz file."""
-    with np.load(path) as saved:
-        probs, labels = saved["probs"], saved["labels"]
-    return _scores(labels, probs.argmax(axis=1))
+    return _scores(*_load_predictions(path))
+
+
+def _load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted classes) of a predictions file; unreadable is a UserError naming it."""
+    try:
+        with np.load(path) as saved:
+            return saved["labels"], saved["probs"].argmax(axis=1)
+    except Exception as err:  # truncated or foreign file
+        raise UserError(f"{path} is unreadable ({type(err).__name__}): re-run its evaluate stage "
+                        f"(`dvc repro -f evaluate@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray) -> tuple[dict[str, float], float, float]:
@@ -96,6 +104,8 @@ def load_runs(root: Path, plan: Plan) -> tuple[list[RunResult], list[str]]:
             missing.append(run_id)
             continue
         ev, train = _read_json(ev_path), _read_json(train_path)
+        if "accuracy" not in ev or "macro_f1" not in ev:
+            raise UserError(f"{ev_path} lacks accuracy or macro_f1: re-run its evaluate stage")
         if bool(train.get("quick")) != plan.quick:
             missing.append(run_id)  # a result of the other scale: not this table's
             continue

@@ -93,7 +93,7 @@ def _embedding(train: Split, method: str, size: int, seed: int, perplexity: floa
         title, axis = "PCA of training images", "principal component"
     else:
         # t-SNE on 50 principal components: the usual denoising step, and far faster.
-        reduced = PCA(n_components=50, random_state=seed).fit_transform(features)
+        reduced = PCA(n_components=min(50, len(features)), random_state=seed).fit_transform(features)
         points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
                       n_jobs=-1).fit_transform(reduced)
         title, axis = "t-SNE of training images", "t-SNE dimension"

@@ -15,7 +15,7 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
     with user_errors():
         sizes = load_params(params).sizes()
         train, test = load_raw(raw)
-    prepared = prepare(train, test, sizes)
+        prepared = prepare(train, test, sizes)
     save_prepared(prepared, out)
     val = len(prepared.val) if prepared.val is not None else 0
     typer.echo(f"train {len(prepared.train)}, validation {val}, test {len(prepared.test)}; "

@@ -16,9 +16,10 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
     """Write metrics/stats.json and the figures under plots/stats/."""
     with user_errors():
         config = load_params(params)
+        sizes = config.stats_sizes()
         train, test = load_raw(raw)
     write_json(metrics, summary(train, test))
-    write_figures(train, config.stats_sizes(), config.seed, plots)
+    write_figures(train, sizes, config.seed, plots)
 
 
 if __name__ == "__main__":

@@ -237,4 +237,4 @@ def test_bad_shared_model_params_name_the_key(params_dict, key, value, problem):
     params_dict["model"][key] = value
     with pytest.raises(ParamsError) as caught:
         params_from_dict(params_dict)
-    assert caught.value.key.endswith(f"arch.{key}") and problem in str(caught.value)
+    assert caught.value.key == f"model.{key}" and problem in str(caught.value)

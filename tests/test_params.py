@@ -296,7 +296,7 @@ def test_empty_sources(params_dict):
 @pytest.mark.parametrize("depth", [12, 41, 4])
 def test_impossible_wrn_depth_is_named_with_the_rule(params_dict, depth):
     params_dict["model"]["depth"] = depth
-    expect_error(params_dict, [f"depth: {depth} is impossible", "6n+4"], "arch.depth")
+    expect_error(params_dict, [f"depth: {depth} is impossible", "6n+4"], "model.depth")
 
 
 def test_a_bad_recipe_value_is_named_even_when_quick(params_dict):
