@@ -204,7 +204,8 @@ def _hardware(train: dict) -> str | None:
     if not hardware:
         return train.get("device")
     threads = train.get("threads")
-    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} threads" if threads else "")
+    plural = "s" if threads != 1 else ""
+    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} thread{plural}" if threads else "")
 
 
 def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
@@ -214,7 +215,7 @@ def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
     if row in NOT_RUN_EPOCH_S and row in plan.epochs:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
         epochs = plan.epochs[row]
-        estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU"
+        estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU with both cores"
         if gpu_s is not None:
             estimate += f", ~{epochs * gpu_s / 3600:.1f} h on the seed's GPU"
     return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate,

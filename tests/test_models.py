@@ -238,3 +238,46 @@ def test_bad_shared_model_params_name_the_key(params_dict, key, value, problem):
     with pytest.raises(ParamsError) as caught:
         params_from_dict(params_dict)
     assert caught.value.key == f"model.{key}" and problem in str(caught.value)
+
+
+def test_a_model_registered_alone_runs_through_train_evaluate_and_compare(tiny_model, tmp_path,
+                                                                          params_dict, monkeypatch):
+    """A new model needs its module (here: the fixture's @register), a params section and its
+    DVC stages; nothing in the library names it. Train, evaluate and compare it."""
+    import numpy as np
+    import yaml
+
+    from fashionbench.data import Split, save_prepared
+    from fashionbench.evaluate import evaluate_run
+    from fashionbench.params import load_plan
+    from fashionbench.report import compare
+    from fashionbench.train import train_and_save
+    from tests.conftest import with_train_stats
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 10
+    images = rng.integers(0, 60, (200, 28, 28))
+    for k in range(10):
+        images[labels == k, 2 * k + 4:2 * k + 7] += 180  # a learnable band per class
+    split = Split(images.astype(np.uint8), labels.astype(np.int64))
+    save_prepared(with_train_stats(split, None, split), tmp_path / "data/prepared")
+    params_dict["tiny"] = {"model": tiny_model, "arch": {"hidden": 16}, "epochs": 3, "lr": 0.01}
+    params_dict["svm"] = {"rbf": params_dict["svm"]["rbf"]}
+    params_dict["evaluate"]["device"] = "cpu"
+    params_dict["train_defaults"]["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    params = load_params(tmp_path / "params.yaml")
+
+    from fashionbench.data import load_prepared
+    metrics = train_and_save("tiny", params, load_prepared(tmp_path / "data/prepared"), 0,
+                             tmp_path / "models/tiny/seed0", tmp_path / "metrics/train/tiny-seed0.json",
+                             progress=False)
+    assert metrics["architecture"] == "tiny linear, hidden 16" and metrics["epochs"] == 3
+    result = evaluate_run("tiny-seed0", params, tmp_path)
+    assert result["accuracy"] > 0.5 and result["tta_accuracy"] is None  # trained without flips
+    table = compare(load_plan(tmp_path / "params.yaml"), tmp_path)
+    assert table["tiny"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-4)
+    assert table["tiny"]["parameters"] == 784 * 16 + 16 + 16 * 10 + 10
+    assert table["cnn"].get("not_run") and table["svm-rbf"].get("not_run")
