@@ -411,3 +411,12 @@ def test_dvc_repro_stops_at_check_params_before_any_stage_runs(tmp_path):
     assert "Running stage 'check_params'" in output
     assert "Running stage 'download'" not in output
     assert not (root / "data" / "params-checked").exists()
+
+
+@pytest.mark.parametrize("section", ["train_defaults", "cnn", "evaluate"])
+def test_a_cuda_device_without_cuda_fails_in_the_params_check(params_dict, section, monkeypatch):
+    import fashionbench.params as params_module
+
+    monkeypatch.setattr(params_module, "_cuda_available", lambda: False)
+    params_dict[section]["device"] = "cuda"
+    expect_error(params_dict, ["cuda is not available"], "device")
