@@ -414,13 +414,18 @@ def params_from_dict(raw: Mapping[str, Any]) -> Params:
     return _build(Params, resolve(raw), "")
 
 
+def deep_rows(raw: Mapping[str, Any]) -> list[str]:
+    """The deep rows of a params mapping: top-level sections that name a `model:`."""
+    return [k for k, v in raw.items() if isinstance(v, Mapping) and "model" in v]
+
+
 def resolve(raw: Mapping[str, Any]) -> dict:
     """The params with every recipe complete: defaults merged in, recipes gathered.
 
     A top-level section holding a `model:` key is a deep row; any other key that is not a
     known section is a mistake (with a did-you-mean).
     """
-    rows = {k: v for k, v in raw.items() if isinstance(v, Mapping) and "model" in v}
+    rows = {k: raw[k] for k in deep_rows(raw)}
     for key in raw:
         if key not in TOP_LEVEL and key not in rows:
             raise ParamsError(key, "unknown section" + _did_you_mean(str(key), TOP_LEVEL + tuple(rows))
@@ -508,7 +513,7 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
         raise ParamsError("(file)", f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ParamsError("(file)", f"{path} not found or not a mapping: run from the repository root")
-    deep = [k for k, v in raw.items() if isinstance(v, Mapping) and "model" in v]
+    deep = deep_rows(raw)
     defaults = raw.get("train_defaults") or {}
     compare = _build(Compare, raw.get("compare"), "compare")
     return Plan(bool(raw.get("quick")), tuple(raw.get("seeds") or ()), tuple(raw.get("svm") or ()),
