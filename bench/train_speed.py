@@ -1,12 +1,17 @@
-"""Training throughput: this engine against a seed-style loop, and each speed switch alone.
+"""Training throughput: this engine against a seed-style loop and against the machine's
+ceiling, and each speed switch alone.
 
-    python -m bench.train_speed                 # both tables, on this machine's best device
+    python -m bench.train_speed                 # the tables, on this machine's best device
     python -m bench.train_speed --images 4096   # more timed images per row (steadier, slower)
 
-Table 1 times the seed-style reference (bench/reference.py: PIL transforms, DataLoader, fp32,
-batch 128) and this engine's defaults on the same model and device. Table 2 starts from the
-engine in plain fp32 and turns on one switch at a time. Every row runs in a fresh process so
-its peak host memory (RSS) is its own; rows train on real images (data/raw) from fresh weights.
+The ceiling comes first: the machine's dense matmul rate (fp32, and bf16 where native) and,
+per model, the bare training step (random tensors resident on the device, no augmentation or
+bookkeeping, the best of dtype x layout x batch). Table 1 times the seed-style reference
+(bench/reference.py: PIL transforms, DataLoader, fp32, batch 128) and this engine's defaults
+on the same model and device; table 2 starts from the engine in plain fp32 and turns on one
+switch at a time. Every engine row shows its fraction of the bare step's images/s and its
+FLOP rate against the matmul peak. Every row runs in a fresh process so its peak host memory
+(RSS) is its own; rows train on real images (data/raw) from fresh weights.
 """
 
 from __future__ import annotations
@@ -89,6 +94,93 @@ def run_row(spec: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def matmul_size(device: torch.device) -> int:
+    """Square matrices large enough to be compute-bound on this kind of device."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_gflop_per_s(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """The machine's dense matmul rate at this thread count: the peak a training step can
+    approach."""
+    import time
+
+    n = matmul_size(device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up: library plans, clocks
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        count += 1
+        _sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_step_images_per_s(model, device: torch.device, batch: int, bf16: bool, channels_last: bool,
+                           steps: int) -> float:
+    """Forward, loss, backward and optimiser step on random tensors already on the device: no
+    data pipeline, augmentation or bookkeeping. What the engine's img/s is measured against."""
+    import time
+
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = torch.randint(0, 10, (batch,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def run_ceiling(spec: dict) -> dict:
+    """The best bare training step over dtype, layout and batch, for one model."""
+    from fashionbench.train import native_bf16
+
+    model, _, runtime, _ = _setup({**spec, "precision": "fp32", "batch": 128})
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    flops = _train_flops_per_image(model, runtime)
+    n = spec["images"] * (8 if spec["model"] == "cnn" else 1)
+    best: dict = {"images_per_s": 0.0}
+    for bf16 in (False, True) if native_bf16(runtime.device) else (False,):
+        for channels_last in (False, True):
+            for batch in (128, 256):
+                ips = bare_step_images_per_s(model, runtime.device, batch, bf16, channels_last,
+                                             steps=max(2, n // batch))
+                if ips > best["images_per_s"]:
+                    best = {"images_per_s": ips, "config": f"{'bf16' if bf16 else 'fp32'}, "
+                            f"{'channels_last' if channels_last else 'NCHW'}, batch {batch}"}
+    return best | {"gflop_per_s": best["images_per_s"] * flops / 1e9, "peak_rss_mib": 0.0,
+                   "peak_device_mib": 0.0, "device": runtime.describe(), "threads": torch.get_num_threads()}
+
+
+def run_matmul(spec: dict) -> dict:
+    from fashionbench.train import native_bf16
+
+    device = resolve_device(spec.get("device", "auto"))
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    dtypes = (torch.float32, torch.bfloat16) if native_bf16(device) else (torch.float32,)
+    return {"size": matmul_size(device),
+            "gflop_per_s": {str(d).removeprefix("torch."): matmul_gflop_per_s(device, d) for d in dtypes}}
+
+
 def _engine_images_per_s(model, recipe, runtime: Runtime, train: Split, n: int,
                          compile_mode: str | None) -> float:
     images, labels = to_device(Split(train.images[:n], train.labels[:n]), runtime.device)
@@ -114,17 +206,49 @@ def _spawn(spec: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _table(title: str, rows: list[tuple[str, dict, dict | None]]) -> None:
+def _fraction(value: float, ceiling: float | None) -> str:
+    return f"{value / ceiling:.0%}" if ceiling else "-"
+
+
+def _table(title: str, rows: list[tuple[str, dict, dict | None]], bare: dict[str, float],
+           peak: float | None) -> None:
     print(f"\n{title}\n")
-    print("| model | loop / switch | images/s | ratio | GFLOP/s | peak RSS MiB | peak device MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | loop / switch | images/s | ratio | of bare step | GFLOP/s | of matmul peak "
+          "| peak RSS MiB | peak device MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, result, base in rows:
         if "error" in result:
-            print(f"| {label} | failed: {result['error']} | | | | | |")
+            print(f"| {label} | failed: {result['error']} | | | | | | |")
             continue
         ratio = result["images_per_s"] / base["images_per_s"] if base and "error" not in base else 1.0
-        print(f"| {label} | {result['images_per_s']:.0f} | {ratio:.2f} | {result['gflop_per_s']:.1f} "
-              f"| {result['peak_rss_mib']:.0f} | {result['peak_device_mib']:.0f} |")
+        model = label.split(" |")[0]
+        print(f"| {label} | {result['images_per_s']:.0f} | {ratio:.2f} "
+              f"| {_fraction(result['images_per_s'], bare.get(model))} | {result['gflop_per_s']:.1f} "
+              f"| {_fraction(result['gflop_per_s'], peak)} | {result['peak_rss_mib']:.0f} "
+              f"| {result['peak_device_mib']:.0f} |")
+
+
+def _ceiling(common: dict) -> tuple[dict[str, float], float | None]:
+    """Print the matmul rates and each model's bare step; return (bare img/s per model, peak)."""
+    matmul = _spawn({**common, "kind": "matmul"})
+    print("\nThe ceiling: dense matmul rate (GFLOP/s, same threads) and the bare training step "
+          "(random tensors resident, no augmentation or bookkeeping; best of fp32/bf16 where "
+          "native, NCHW/channels_last, batch 128/256)\n")
+    print("| model | row | images/s | GFLOP/s | best configuration |")
+    print("|---|---|---:|---:|---|")
+    rates = matmul.get("gflop_per_s", {})
+    for dtype, rate in rates.items():
+        print(f"| - | matmul {dtype} | - | {rate:.1f} | square {matmul['size']} |")
+    bare = {}
+    for model in MODELS:
+        result = _spawn({**common, "model": model, "kind": "ceiling"})
+        if "error" in result:
+            print(f"| {model} | bare step | failed: {result['error']} | | |")
+            continue
+        bare[model] = result["images_per_s"]
+        print(f"| {model} | bare step | {result['images_per_s']:.0f} | {result['gflop_per_s']:.1f} "
+              f"| {result['config']} |")
+    return bare, max(rates.values()) if rates else None
 
 
 def main(images: int = typer.Option(512, help="timed training images per WRN row (x8 for the CNN)"),
@@ -132,12 +256,15 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
          row: str = typer.Option("", help="internal: time one JSON-described row and print it")) -> None:
     """Print the engine-vs-reference table and the speed-switch table."""
     if row:
-        print(json.dumps(run_row(json.loads(row))))
+        spec = json.loads(row)
+        runner = {"matmul": run_matmul, "ceiling": run_ceiling}.get(spec.get("kind", ""), run_row)
+        print(json.dumps(runner(spec)))
         return
     common = {"params": str(params), "images": images}
     first = _spawn({**common, "model": "cnn", "loop": "engine", "batch": 128, "precision": "default"})
     print(f"device: {first.get('device')}, host: {platform.processor() or platform.machine()}, "
           f"{first.get('threads')} threads; {images} timed images per WRN row, {8 * images} per CNN row")
+    bare, peak = _ceiling(common)
     versus = []
     for model in MODELS:
         reference = _spawn({**common, "model": model, "loop": "reference", "batch": 128})
@@ -145,7 +272,8 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
             {**common, "model": model, "loop": "engine", "batch": 128, "precision": "default"})
         versus += [(f"{model} | reference (seed-style)", reference, reference),
                    (f"{model} | engine (defaults)", engine, reference)]
-    _table("Engine vs the seed-style reference loop (ratio: against the reference; same model, device, batch 128)", versus)
+    _table("Engine vs the seed-style reference loop (ratio: against the reference; same model, device, batch 128)",
+           versus, bare, peak)
 
     switches = [("fp32, batch 128", {}), ("batch 256", {"batch": 256}), ("batch 512", {"batch": 512}),
                 ("channels_last", {"channels_last": True}), ("bf16 autocast", {"precision": "bf16"}),
@@ -160,7 +288,8 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
                              "precision": "fp32", **change})
             base = base or result
             rows.append((f"{model} | {label}", result, base))
-    _table("Each speed switch alone (ratio: against the fp32, batch 128 engine row of the same model)", rows)
+    _table("Each speed switch alone (ratio: against the fp32, batch 128 engine row of the same model)",
+           rows, bare, peak)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ CLASS_NAMES = (
 CLASSES = len(CLASS_NAMES)
 IMAGE_SIDE = 28                          # px; images are 1 x 28 x 28, uint8
 INPUT_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)
+LIGHT_ON_DARK = True                     # garments bright on a black (0) background
 PIXELS = IMAGE_SIDE * IMAGE_SIDE
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000

@@ -6,7 +6,6 @@ One run id names one trained model: "<model>-seed<N>" for the deep models and
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
 from fashionbench.params import Evaluate, Params
+from fashionbench.scores import classification_metrics
 SOFTMAX = "softmax"              # predictions/<id>.npz `kind`: model probabilities
 SVM_SOFTMAX = "svm-score-softmax"  # softmax of SVM decision scores: not calibrated
 
@@ -72,24 +72,6 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted.astype(np.float64))
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def classification_metrics(labels: np.ndarray, pred: np.ndarray,
-                           probs: np.ndarray | None = None) -> dict:
-    """Accuracy, macro F1, and log loss if `probs`. (Per-class scores are in the report,
-    computed from the predictions file, so that tracked metrics stay few.)"""
-    from sklearn.metrics import f1_score
-
-    classes = list(range(NUM_CLASSES))
-    metrics = {
-        "accuracy": float(np.mean(labels == pred)),
-        "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro", zero_division=0)),
-    }
-    if probs is not None:
-        # Clipped so that one confident miss (a float32 probability of 0) stays finite.
-        true_class = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-        metrics["log_loss"] = float(-np.mean(np.log(true_class)))
-    return metrics
 
 
 # ---------------------------------------------------------------- inference
@@ -282,14 +264,14 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     test = load_prepared(root / "data/prepared").test
     plots = root / "plots/eval" / run.id
     if run.is_svm:
-        probs, info = softmax(load_svm_scores(run, root, test)), {"variant": run.variant}
+        probs, info = softmax(load_svm_scores(run, root, test)), {}
     else:
         probs, info = _deep_predictions(run, root, test, cfg, plots)
     kind = SVM_SOFTMAX if run.is_svm else SOFTMAX
     pred = probs.argmax(axis=1)
     # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
     metrics = classification_metrics(test.labels, pred, None if run.is_svm else probs)
-    result = {"id": run.id} | metrics | info | {"test_images": len(test)}
+    result = metrics | {k: v for k, v in info.items() if v is not None}
     write_confusion_csv(test.labels, pred, root / "plots/confusion" / f"{run.id}.csv")
     mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png",
                      prob_label="score softmax" if run.is_svm else "p")
@@ -301,20 +283,16 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
 
 def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
                       plots: Path) -> tuple[np.ndarray, dict]:
-    """Plain test probabilities of a deep run, its TTA and batch-statistics accuracies and
-    inference speed; draws its Grad-CAM grid."""
+    """Plain test probabilities of a deep run and its TTA and batch-statistics accuracies;
+    draws its Grad-CAM grid."""
     from fashionbench.train import resolve_device
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run, root, device)
     norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device}
-    start = time.perf_counter()
     probs = predict_proba(model, test.images, **norm)
-    seconds = time.perf_counter() - start
-    info: dict = {"seed": run.seed, "images_per_s": round(len(test) / seconds, 1)}
-    flips = meta.get("hflip", 0.0) > 0
-    info["tta_accuracy"] = None
-    if cfg.tta and flips:
+    info: dict = {}
+    if cfg.tta and meta.get("hflip", 0.0) > 0:
         tta = predict_proba(model, test.images, views=("plain", "hflip"), **norm)
         info["tta_accuracy"] = float(np.mean(tta.argmax(axis=1) == test.labels))
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -327,5 +305,4 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
         x = _inputs(test.images[idx], meta["mean"], meta["std"], device)
         cams = gradcam(model, layer, x, torch.as_tensor(pred, device=device))
         gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png")
-    info["device"] = device.type
     return probs, info

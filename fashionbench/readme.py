@@ -1,4 +1,4 @@
-"""Copy the results table from metrics/compare.json into README.md, between its markers.
+"""Copy the results table from reports/results.json into README.md, between its markers.
 
     python -m fashionbench.readme            # rewrite the block
     python -m fashionbench.readme --check    # exit 1 if README.md is out of date
@@ -24,7 +24,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def block(table: dict) -> str:
     """What the README holds between its results markers."""
-    return (f"{START}\n{results_table(table)}\nGenerated from `metrics/compare.json` by "
+    return (f"{START}\n{results_table(table)}\nGenerated from `reports/results.json` by "
             "`python -m fashionbench.readme` after `dvc repro`; per-class accuracy, the "
             f"batch-norm check and figures are in `reports/results.md`.\n{END}")
 
@@ -47,22 +47,22 @@ def update(readme: Path, table: dict) -> bool:
     return new_text != text
 
 
-def main(readme: Path = Path("README.md"), metrics: Path = Path("metrics/compare.json"),
+def main(readme: Path = Path("README.md"), results: Path = Path("reports/results.json"),
          check: bool = typer.Option(False, help="only check that README.md is up to date")) -> None:
-    """Write (or --check) README.md's results table from metrics/compare.json."""
+    """Write (or --check) README.md's results table from reports/results.json."""
     with user_errors():
-        if not metrics.is_file():
-            raise UserError(f"{metrics} not found: run `dvc repro compare` first")
+        if not results.is_file():
+            raise UserError(f"{results} not found: run `dvc repro compare` first")
         try:
-            table = json.loads(metrics.read_text())
+            table = json.loads(results.read_text())
         except ValueError as err:
-            raise UserError(f"{metrics} is unreadable ({err}): run `dvc repro -s -f compare`") from None
+            raise UserError(f"{results} is unreadable ({err}): run `dvc repro -s -f compare`") from None
         if check:
             if current_block(readme) != block(table):
-                typer.echo(f"error: {readme}'s results table differs from {metrics}: run "
+                typer.echo(f"error: {readme}'s results table differs from {results}: run "
                            "`python -m fashionbench.readme` and commit", err=True)
                 raise typer.Exit(1)
-            typer.echo(f"{readme} matches {metrics}")
+            typer.echo(f"{readme} matches {results}")
             return
         changed = update(readme, table)
     typer.echo(f"{readme}: {'table updated' if changed else 'already up to date'}")

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fashionbench.dataset import CLASS_NAMES
 from fashionbench.errors import UserError
-from fashionbench.io import save_figure, write_json, write_text
+from fashionbench.io import atomic_path, save_figure, write_json, write_text
 from fashionbench.params import Plan
+from fashionbench.scores import class_accuracy, classification_metrics
 
 ENSEMBLE = "ensemble"
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")  # DVCLive names from training
+FIGURES = ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy", "learning_curves",
+           "best_confusion", "best_mistakes")                # plots/compare/<name>.png
 
 # What the source reports give for each row (the last epoch where they say which), shown
 # beside our numbers. The seed credits its SVC recipe as written (with a scaler: our
@@ -42,19 +46,12 @@ NOT_RUN_EPOCH_S = {"resnet7": (480, None), "wrn": (1020, 15), "se_wrn": (1100, 1
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """One evaluated run (or one seed's ensemble) with what training recorded about it."""
-
-    id: str
-    row: str                  # deep row (cnn, ...), "svm-<recipe>" or "ensemble"
-    seed: int | None
-    accuracy: float
-    macro_f1: float
-    class_accuracy: dict[str, float]
-    train: dict = field(default_factory=dict)   # metrics/train/<id>.json
-    tta_accuracy: float | None = None
-    batchstat_accuracy: float | None = None
+RUN_COLUMNS = ("id", "row", "seed", "accuracy", "macro_f1", "tta_accuracy", "batchstat_accuracy",
+               "parameters", "recipe", "epochs", "train_size", "train_s", "hardware")
+SUMMED = ("accuracy", "macro_f1")                          # mean ± sample std over seeds
+ALL_OR_NONE = ("tta_accuracy", "batchstat_accuracy")       # mean only when every seed has one
+COMPACT = ("accuracy", "accuracy_std", "macro_f1", "tta_accuracy", "batchstat_accuracy",
+           "parameters", "train_s")                        # metrics/compare.json, per row
 
 
 # ---------------------------------------------------------------- gathering
@@ -68,35 +65,46 @@ def _read_json(path: Path) -> dict:
                         f"(`dvc repro -f` of its train or evaluate stage)") from None
 
 
-def scores_from_predictions(path: Path) -> tuple[dict[str, float], float, float]:
-    """(per-class accuracy, accuracy, macro F1) from a predictions/<id>.npz file."""
-    return _scores(*_load_predictions(path))
-
-
 def _load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, predicted classes) of a predictions file; unreadable is a UserError naming it."""
+    """(labels, probabilities) of a predictions file; unreadable is a UserError naming it."""
     try:
         with np.load(path) as saved:
-            return saved["labels"], saved["probs"].argmax(axis=1)
+            return saved["labels"], saved["probs"]
     except Exception as err:  # truncated or foreign file
         raise UserError(f"{path} is unreadable ({type(err).__name__}): re-run its evaluate stage "
                         f"(`dvc repro -f evaluate@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
 
 
-def _scores(labels: np.ndarray, pred: np.ndarray) -> tuple[dict[str, float], float, float]:
-    recall, f1 = [], []
-    for c in range(len(CLASS_NAMES)):
-        tp = float(np.sum((pred == c) & (labels == c)))
-        actual, predicted = float(np.sum(labels == c)), float(np.sum(pred == c))
-        recall.append(tp / actual if actual else 0.0)
-        f1.append(2 * tp / (actual + predicted) if actual + predicted else 0.0)
-    return dict(zip(CLASS_NAMES, recall)), float(np.mean(pred == labels)), float(np.mean(f1))
+def _recipe(row: str, train: dict) -> str:
+    if row.startswith("svm-"):
+        return train.get("recipe", "-")
+    return f"{train.get('architecture', row)}; {train.get('recipe', '-')}"
 
 
-def load_runs(root: Path, plan: Plan) -> tuple[list[RunResult], list[str]]:
-    """The runs `plan` defines that have been trained and evaluated at the plan's scale, and
-    the ids of those that have not."""
-    runs, missing = [], []
+def _hardware(train: dict) -> str | None:
+    hardware = train.get("hardware")
+    if not hardware:
+        return train.get("device")
+    threads = train.get("threads")
+    plural = "s" if threads != 1 else ""
+    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} thread{plural}" if threads else "")
+
+
+def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,
+                labels: np.ndarray, probs: np.ndarray) -> dict:
+    return {"id": run_id, "row": row, "seed": seed, "accuracy": ev["accuracy"],
+            "macro_f1": ev["macro_f1"], "tta_accuracy": ev.get("tta_accuracy"),
+            "batchstat_accuracy": ev.get("batchstat_accuracy"),
+            "parameters": train.get("parameters"), "recipe": _recipe(row, train),
+            "epochs": train.get("epochs"), "train_size": train.get("train_size"),
+            "train_s": train.get("fit_time_s", train.get("wall_time_s")),
+            "hardware": _hardware(train)} | class_accuracy(labels, probs.argmax(axis=1))
+
+
+def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run `plan` defines that has been trained and evaluated at the plan's scale
+    (RUN_COLUMNS, then per-class accuracy), and the ids of those that have not."""
+    records, missing = [], []
     for run_id, row, seed in plan.runs():
         ev_path, train_path = root / "metrics/eval" / f"{run_id}.json", root / "metrics/train" / f"{run_id}.json"
         predictions = root / "predictions" / f"{run_id}.npz"
@@ -109,106 +117,63 @@ def load_runs(root: Path, plan: Plan) -> tuple[list[RunResult], list[str]]:
         if bool(train.get("quick")) != plan.quick:
             missing.append(run_id)  # a result of the other scale: not this table's
             continue
-        class_accuracy, _, _ = scores_from_predictions(predictions)
-        runs.append(RunResult(run_id, row, seed, ev["accuracy"], ev["macro_f1"], class_accuracy,
-                              train, ev.get("tta_accuracy"), ev.get("batchstat_accuracy")))
-    return runs, missing
+        records.append(_run_record(run_id, row, seed, ev, train, *_load_predictions(predictions)))
+    return pd.DataFrame.from_records(records, columns=[*RUN_COLUMNS, *CLASS_NAMES]), missing
 
 
-def ensemble_runs(root: Path, members: tuple[str, ...], runs: list[RunResult]) -> list[RunResult]:
+def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> pd.DataFrame:
     """Per seed, the mean of the members' plain test probabilities (two or more members)."""
-    out = []
-    for seed in sorted({r.seed for r in runs if r.row in members}):
-        parts = [r for r in runs if r.row in members and r.seed == seed]
+    records = []
+    for seed, parts in runs[runs["row"].isin(members)].groupby("seed", sort=True):
         if len(parts) < 2:
             continue
-        arrays = [np.load(root / "predictions" / f"{p.id}.npz") for p in parts]
-        probs = np.mean([a["probs"] for a in arrays], axis=0)
-        class_accuracy, accuracy, macro_f1 = _scores(arrays[0]["labels"], probs.argmax(axis=1))
-        absent = [m for m in members if m not in {p.row for p in parts}]
-        recipe = "mean plain probabilities of " + ", ".join(p.row for p in parts)
+        loaded = [_load_predictions(root / "predictions" / f"{run_id}.npz") for run_id in parts["id"]]
+        labels, probs = loaded[0][0], np.mean([p for _, p in loaded], axis=0)
+        absent = [m for m in members if m not in set(parts["row"])]
+        recipe = "mean plain probabilities of " + ", ".join(parts["row"])
         if absent:
             recipe += f" ({', '.join(absent)}: not run)"
-        train = {"recipe": recipe, "parameters": sum(p.train.get("parameters", 0) for p in parts),
-                 "wall_time_s": sum(_train_s(p) or 0 for p in parts), "quick": parts[0].train.get("quick"),
-                 "hardware": _join(p.train.get("hardware") for p in parts),
-                 "device": _join(p.train.get("device") for p in parts)}
-        out.append(RunResult(f"{ENSEMBLE}-seed{seed}", ENSEMBLE, seed, accuracy, macro_f1,
-                             class_accuracy, train))
-    return out
-
-
-def _train_s(run: RunResult) -> float | None:
-    return run.train.get("fit_time_s", run.train.get("wall_time_s"))
-
-
-def _join(values) -> str | None:
-    present = sorted({v for v in values if v})
-    return ", ".join(present) or None
+        metrics = classification_metrics(labels, probs.argmax(axis=1))
+        records.append({"id": f"{ENSEMBLE}-seed{seed}", "row": ENSEMBLE, "seed": seed, **metrics,
+                        "parameters": parts["parameters"].sum(), "recipe": recipe,
+                        "train_s": parts["train_s"].sum(),
+                        "hardware": ", ".join(sorted(set(parts["hardware"].dropna())))}
+                       | class_accuracy(labels, probs.argmax(axis=1)))
+    return pd.DataFrame.from_records(records, columns=runs.columns)
 
 
 # ---------------------------------------------------------------- the table
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return round(float(np.mean(values)), 5), round(std, 5)
+def _all_or_none(values: pd.Series) -> float:
+    return values.mean() if values.notna().all() else np.nan
 
 
-def _optional_mean(values: list[float | None]) -> float | None:
-    return None if any(v is None for v in values) else round(float(np.mean(values)), 5)
+def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFrame:
+    """One row per table row: mean and sample std over its seeds; rows with no run at this
+    scale carry the command that runs them. Index: the row names, in params.yaml's order."""
+    groups = runs.groupby("row", sort=False)
+    table = groups.agg(runs=("id", "size"), **{k: (k, "mean") for k in SUMMED},
+                       **{f"{k}_std": (k, "std") for k in SUMMED},
+                       **{k: (k, _all_or_none) for k in ALL_OR_NONE},
+                       **{k: (k, "first") for k in ("parameters", "recipe", "epochs", "train_size",
+                                                     "hardware")},
+                       train_s=("train_s", "mean"))
+    table[[f"{k}_std" for k in SUMMED]] = table[[f"{k}_std" for k in SUMMED]].fillna(0.0)
+    table = table.join(groups[list(CLASS_NAMES)].mean())
+    table["seeds"] = groups["seed"].agg(lambda s: [int(v) for v in s.dropna()])
+    table["not_run_ids"] = [[m for m in missing if plan.row_of(m) == row] for row in table.index]
+    not_run = [row for row in plan.rows() if row not in table.index]
+    table = pd.concat([table, pd.DataFrame([_not_run(row, missing, plan) for row in not_run],
+                                           index=pd.Index(not_run, name="row"))])
+    table["scale"] = "quick" if plan.quick else "full"
+    table["seed_reported"] = [SEED_REPORTED.get(row, "-") for row in table.index]
+    order = [row for row in [*plan.rows(), ENSEMBLE] if row in table.index]
+    return table.loc[order]
 
 
-def _recipe(run: RunResult) -> str:
-    train = run.train
-    if run.row.startswith("svm-") or run.row == ENSEMBLE:
-        return train.get("recipe", "-")
-    return f"{train.get('architecture', run.row)}; {train.get('recipe', '-')}"
-
-
-def summarise(runs: list[RunResult], missing: list[str], plan: Plan) -> dict:
-    """metrics/compare.json: one entry per row, mean and sample std over its seeds; rows with
-    no run at this scale carry the command that runs them."""
-    table = {}
-    for row in plan.rows() + [ENSEMBLE]:
-        group = [r for r in runs if r.row == row]
-        if not group:
-            if row != ENSEMBLE:
-                table[row] = _not_run(row, [m for m in missing if plan.row_of(m) == row], plan)
-            continue
-        first = group[0]
-        accuracy, accuracy_std = _mean_std([r.accuracy for r in group])
-        macro_f1, macro_f1_std = _mean_std([r.macro_f1 for r in group])
-        times = [t for t in (_train_s(r) for r in group) if t is not None]
-        table[row] = {
-            "runs": len(group), "seeds": [r.seed for r in group if r.seed is not None],
-            "not_run_ids": [m for m in missing if plan.row_of(m) == row],
-            "parameters": first.train.get("parameters"), "recipe": _recipe(first),
-            "accuracy": accuracy, "accuracy_std": accuracy_std,
-            "macro_f1": macro_f1, "macro_f1_std": macro_f1_std,
-            "tta_accuracy": _optional_mean([r.tta_accuracy for r in group]),
-            "batchstat_accuracy": _optional_mean([r.batchstat_accuracy for r in group]),
-            "epochs": first.train.get("epochs"), "train_size": first.train.get("train_size"),
-            "train_s": round(float(np.mean(times)), 1) if times else None,
-            "hardware": _hardware(first.train),
-            "scale": "quick" if plan.quick else "full",
-            "seed_reported": SEED_REPORTED.get(row, "-"),
-            "class_accuracy": {c: round(float(np.mean([r.class_accuracy[c] for r in group])), 5)
-                               for c in CLASS_NAMES},
-        }
-    return table
-
-
-def _hardware(train: dict) -> str | None:
-    hardware = train.get("hardware")
-    if not hardware:
-        return train.get("device")
-    threads = train.get("threads")
-    plural = "s" if threads != 1 else ""
-    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} thread{plural}" if threads else "")
-
-
-def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
+def _not_run(row: str, missing: list[str], plan: Plan) -> dict:
+    run_ids = [m for m in missing if plan.row_of(m) == row]
     stages = " ".join(f"evaluate@{r.replace('-seed', '-')}" if not row.startswith("svm-")
                       else f"evaluate_svm@{row[4:]}" for r in run_ids)
     estimate = NOT_RUN_ESTIMATE.get(row, "time not measured")
@@ -218,8 +183,39 @@ def _not_run(row: str, run_ids: list[str], plan: Plan) -> dict:
         estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU with both cores"
         if gpu_s is not None:
             estimate += f", ~{epochs * gpu_s / 3600:.1f} h on the seed's GPU"
-    return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate,
-            "scale": "quick" if plan.quick else "full", "seed_reported": SEED_REPORTED.get(row, "-")}
+    return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate}
+
+
+def _plain(value):
+    """JSON-ready: numpy scalars to Python, NaN to None, 5 decimals for fractions."""
+    if isinstance(value, (list, dict, str)) or value is None:
+        return value
+    if pd.isna(value):
+        return None
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() and abs(value) >= 1 else round(float(value), 5)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def records(table: pd.DataFrame) -> dict:
+    """reports/results.json: every row of the table with everything the report shows."""
+    out = {}
+    for row, entry in table.iterrows():
+        values = {k: _plain(v) for k, v in entry.items() if k not in CLASS_NAMES}
+        if entry.get("not_run") is True:
+            values = {k: v for k, v in values.items() if v is not None and v != []}
+        else:
+            values = {k: v for k, v in values.items() if k not in ("not_run", "command", "estimate")}
+            values["class_accuracy"] = {c: _plain(entry[c]) for c in CLASS_NAMES}
+        out[str(row)] = values
+    return out
+
+
+def compact(table: dict) -> dict:
+    """metrics/compare.json: per row that ran, the few numbers a reader compares (what
+    `dvc metrics diff` and `dvc exp show` list)."""
+    return {row: {k: e[k] for k in COMPACT if e.get(k) is not None and not (k.endswith("_std") and e["runs"] < 2)}
+            for row, e in table.items() if not e.get("not_run")}
 
 
 def _duration(seconds: float | None) -> str:
@@ -239,48 +235,46 @@ def _with_spread(entry: dict, key: str) -> str:
     return text
 
 
+def _display_row(row: str, e: dict) -> dict:
+    if e.get("not_run"):
+        return {"row": row, "recipe": f"**not run at {e['scale']} scale**: `{e['command']}` ({e['estimate']})",
+                "scale": e["scale"], "source report": e["seed_reported"]}
+    return {"row": row, "params": f"{e['parameters']:,}" if e.get("parameters") else "-",
+            "recipe": e["recipe"], "test accuracy": _with_spread(e, "accuracy"),
+            "macro F1": _with_spread(e, "macro_f1"),
+            "flip TTA": f"{e['tta_accuracy']:.4f}" if e.get("tta_accuracy") is not None else "-",
+            "epochs": str(e["epochs"]) if e.get("epochs") else "-", "train time": _duration(e.get("train_s")),
+            "trained on": e.get("hardware") or "-", "scale": e["scale"], "source report": e["seed_reported"]}
+
+
 def results_table(table: dict) -> str:
-    """The Markdown results table, a pure function of metrics/compare.json."""
-    lines = ["| row | params | recipe | test accuracy | macro F1 | flip TTA | epochs | train time "
-             "| trained on | scale | source report |", "|---|---:|---|---|---|---|---:|---:|---|---|---|"]
-    for row, e in table.items():
-        if e.get("not_run"):
-            lines.append(f"| {row} | - | **not run at {e['scale']} scale**: `{e['command']}` "
-                         f"({e['estimate']}) | - | - | - | - | - | - | {e['scale']} | {e['seed_reported']} |")
-            continue
-        params = f"{e['parameters']:,}" if e.get("parameters") else "-"
-        tta = f"{e['tta_accuracy']:.4f}" if e.get("tta_accuracy") is not None else "-"
-        epochs = e["epochs"] if e.get("epochs") else "-"
-        lines.append(f"| {row} | {params} | {e['recipe']} | {_with_spread(e, 'accuracy')} | "
-                     f"{_with_spread(e, 'macro_f1')} | {tta} | {epochs} | {_duration(e['train_s'])} | "
-                     f"{e['hardware'] or '-'} | {e['scale']} | {e['seed_reported']} |")
-    return "\n".join(lines) + "\n"
+    """The Markdown results table, a pure function of reports/results.json."""
+    columns = ["row", "params", "recipe", "test accuracy", "macro F1", "flip TTA", "epochs",
+               "train time", "trained on", "scale", "source report"]
+    shown = pd.DataFrame([_display_row(row, e) for row, e in table.items()], columns=columns).fillna("-")
+    return shown.to_markdown(index=False, colalign=["left"] * len(columns)) + "\n"
 
 
 def class_accuracy_table(table: dict) -> str:
     """Per-class test accuracy (recall) of every row that ran, as Markdown."""
-    lines = ["| row | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---:|" * len(CLASS_NAMES)]
-    for row, e in table.items():
-        if not e.get("not_run"):
-            lines.append(f"| {row} | " + " | ".join(f"{e['class_accuracy'][c]:.3f}" for c in CLASS_NAMES) + " |")
-    return "\n".join(lines) + "\n"
+    ran = {row: e["class_accuracy"] for row, e in table.items() if not e.get("not_run")}
+    frame = pd.DataFrame.from_dict(ran, orient="index", columns=list(CLASS_NAMES))
+    return frame.rename_axis("row").reset_index().to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def batch_norm_table(table: dict) -> str:
     """Eval-mode (running statistics after precise-BN) against batch-statistics accuracy."""
-    lines = ["| row | eval mode | batch statistics | difference |", "|---|---:|---:|---:|"]
-    for row, e in table.items():
-        if e.get("batchstat_accuracy") is not None:
-            lines.append(f"| {row} | {e['accuracy']:.4f} | {e['batchstat_accuracy']:.4f} | "
-                         f"{e['accuracy'] - e['batchstat_accuracy']:+.4f} |")
-    return "\n".join(lines) + "\n"
+    rows = {row: {"eval mode": e["accuracy"], "batch statistics": e["batchstat_accuracy"],
+                  "difference": f"{e['accuracy'] - e['batchstat_accuracy']:+.4f}"}
+            for row, e in table.items() if e.get("batchstat_accuracy") is not None}
+    frame = pd.DataFrame.from_dict(rows, orient="index",
+                                   columns=["eval mode", "batch statistics", "difference"])
+    return frame.rename_axis("row").reset_index().to_markdown(index=False, floatfmt=".4f") + "\n"
 
 
 def results_markdown(table: dict) -> str:
     """reports/results.md: the table, per-class accuracy, batch-norm check and figures."""
-    figures = "\n".join(f"![{name}](../plots/compare/{name}.png)" for name in
-                        ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy",
-                         "learning_curves"))
+    figures = "\n".join(f"![{name}](../plots/compare/{name}.png)" for name in FIGURES)
     return ("# Results\n\nTest accuracy on the official test images, final epoch, plain single "
             "view; flip TTA separately, for rows trained with flips only. Mean ± sample std where "
             "several seeds ran. Scale `quick` means the quick check (subsets, one epoch), never "
@@ -359,29 +353,57 @@ def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def write_figures(root: Path, table: dict, runs: list[RunResult], out: Path) -> None:
-    """The four comparison figures as PNGs under `out`."""
+def best_run(table: dict, runs: pd.DataFrame) -> str | None:
+    """The first seed's run of the most accurate single-model row (the ensemble has no gallery)."""
+    ran = {row: e["accuracy"] for row, e in table.items() if not e.get("not_run") and row != ENSEMBLE}
+    if not ran:
+        return None
+    return str(runs.loc[runs["row"] == max(ran, key=ran.get), "id"].iloc[0])
+
+
+def _confusion(root: Path, run_id: str, path: Path) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    labels, probs = _load_predictions(root / "predictions" / f"{run_id}.npz")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(axis=1), display_labels=CLASS_NAMES,
+                                            xticks_rotation=45, colorbar=False, ax=ax)
+    ax.set_title(f"{run_id}: test confusion matrix")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path) -> None:
+    """The comparison figures as PNGs under `out` (FIGURES), the best row's included."""
     _scatter(table, "parameters", "parameters (log)", "test accuracy against model size",
              out / "accuracy_vs_parameters.png")
     _scatter(table, "train_s", "train time, s (log)", "test accuracy against training time",
              out / "accuracy_vs_train_time.png")
     _class_heatmap(table, out / "class_accuracy.png")
-    deep = [r.id for r in runs if not r.row.startswith("svm-") and r.row != ENSEMBLE]
-    _learning_curves(root, deep, out / "learning_curves.png")
+    deep = runs.loc[~runs["row"].str.startswith("svm-") & (runs["row"] != ENSEMBLE), "id"]
+    _learning_curves(root, list(deep), out / "learning_curves.png")
+    best = best_run(table, runs)
+    if best is not None:
+        _confusion(root, best, out / "best_confusion.png")
+        with atomic_path(out / "best_mistakes.png") as tmp:
+            shutil.copyfile(root / "plots/eval" / best / "mistakes.png", tmp)
 
 
 # ---------------------------------------------------------------- the stage
 
 
 def compare(plan: Plan, root: Path = Path(".")) -> dict:
-    """Write metrics/compare.json, reports/results.md and plots/compare/."""
+    """Write reports/results.json and .md, metrics/compare.json and plots/compare/; return
+    the table (reports/results.json's content)."""
     runs, missing = load_runs(root, plan)
-    if not runs:
+    if runs.empty:
         raise UserError("no run that params.yaml defines has been evaluated at this scale: "
                         "run `dvc repro` first")
-    runs += ensemble_runs(root, plan.ensemble, runs)
-    table = summarise(runs, missing, plan)
-    write_json(root / "metrics/compare.json", table)
+    runs = pd.concat([runs, ensemble_runs(root, plan.ensemble, runs)], ignore_index=True)
+    table = records(summarise(runs, missing, plan))
+    write_json(root / "reports/results.json", table)
+    write_json(root / "metrics/compare.json", compact(table))
     write_text(root / "reports/results.md", results_markdown(table))
     write_figures(root, table, runs, root / "plots/compare")
     return table

@@ -13,22 +13,22 @@ from fashionbench.params import Stats
 
 
 def summary(train: Split, test: Split) -> dict:
-    """Class counts, train pixel mean/std (pixels in [0, 1]) and image shape."""
+    """The tracked numbers (metrics/stats.json): image counts, train pixel mean/std (pixels
+    in [0, 1])."""
     pixels = train.images.astype(np.float64) / 255.0
+    return {"train_images": len(train), "test_images": len(test),
+            "train_mean": round(float(pixels.mean()), 6), "train_std": round(float(pixels.std()), 6)}
 
+
+def description(train: Split, test: Split) -> dict:
+    """reports/dataset.json: the summary plus image shape and per-class counts, which a reader
+    looks up rather than compares across experiments."""
     def counts(split: Split) -> dict[str, int]:
         per_class = np.bincount(split.labels, minlength=len(CLASS_NAMES))
         return {name: int(n) for name, n in zip(CLASS_NAMES, per_class)}
 
-    return {
-        "train_images": len(train),
-        "test_images": len(test),
-        "image_shape": list(train.images.shape[1:]),
-        "train_mean": round(float(pixels.mean()), 6),
-        "train_std": round(float(pixels.std()), 6),
-        "train_per_class": counts(train),
-        "test_per_class": counts(test),
-    }
+    return summary(train, test) | {"image_shape": list(train.images.shape[1:]),
+                                   "train_per_class": counts(train), "test_per_class": counts(test)}
 
 
 def _seeded_subset(split: Split, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,10 +12,12 @@ from fashionbench import gate, quick, readme, report
 from fashionbench.dataset import CLASS_NAMES
 from fashionbench.errors import UserError
 from fashionbench.params import Plan, load_plan
+from fashionbench.scores import classification_metrics
 from stages.compare import main as compare_main
 from tests.conftest import REPO, invoke
 
 LABELS = np.repeat(np.arange(10), 10)
+PNG = b"\x89PNG\r\n\x1a\n"
 
 PLAN = Plan(quick=True, seeds=(0, 1), svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
             epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02)
@@ -55,8 +57,11 @@ def add_run(root, run_id, probs, train, **evaluated):
     """metrics/train, metrics/eval and predictions files of one run, as the stages write them."""
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == LABELS))
-    _, _, macro_f1 = report._scores(LABELS, pred)
-    record = {"id": run_id, "accuracy": accuracy, "macro_f1": macro_f1} | evaluated
+    macro_f1 = classification_metrics(LABELS, pred)["macro_f1"]
+    record = {"accuracy": accuracy, "macro_f1": macro_f1} | evaluated
+    gallery = root / "plots/eval" / run_id / "mistakes.png"
+    gallery.parent.mkdir(parents=True, exist_ok=True)
+    gallery.write_bytes(PNG + run_id.encode())
     for folder, content in (("metrics/eval", record), ("metrics/train", train)):
         (root / folder).mkdir(parents=True, exist_ok=True)
         (root / folder / f"{run_id}.json").write_text(json.dumps(content))
@@ -78,13 +83,13 @@ def tree(tmp_path):
     for seed in (0, 1):
         add_run(
             tmp_path, f"cnn-seed{seed}", probs_with_errors(10 + 2 * seed, seed),
-            deep_train("cnn", seed, 824_458, 60.0 + seed), tta_accuracy=0.91 + 0.01 * seed, seed=seed)
+            deep_train("cnn", seed, 824_458, 60.0 + seed), tta_accuracy=0.91 + 0.01 * seed)
         add_run(
             tmp_path, f"mlp-seed{seed}", probs_with_errors(20, 5 + seed),
-            deep_train("mlp", seed, 101_770, 10.0), tta_accuracy=None, seed=seed)
+            deep_train("mlp", seed, 101_770, 10.0))
         add_run(
             tmp_path, f"wrn-seed{seed}", probs_with_errors(8, 10 + seed),
-            deep_train("wrn", seed, 1_000, 100.0), tta_accuracy=0.95, batchstat_accuracy=0.5, seed=seed)
+            deep_train("wrn", seed, 1_000, 100.0), tta_accuracy=0.95, batchstat_accuracy=0.5)
     add_run(tmp_path, "svm-rbf", probs_with_errors(15, 6), svm_train("rbf", 233.0))
     add_run(tmp_path, "svm-hog_seed", probs_with_errors(12, 7), svm_train("hog_seed", 50.0))
     curves = tmp_path / "plots/train/cnn-seed0/plots/metrics"
@@ -101,8 +106,12 @@ def acc(root, run_id) -> float:
     return json.loads((root / "metrics/eval" / f"{run_id}.json").read_text())["accuracy"]
 
 
+def cells(table: dict, row: str) -> set[str]:
+    return {cell.strip() for cell in line_of(table, row).split("|")}
+
+
 def line_of(table: dict, row: str) -> str:
-    return next(line for line in report.results_table(table).splitlines() if line.startswith(f"| {row} |"))
+    return next(line for line in report.results_table(table).splitlines() if line.split("|")[1].strip() == row)
 
 
 # ---------------------------------------------------------------- the table
@@ -125,8 +134,7 @@ def test_two_seeds_give_mean_and_sample_std(tree):
     assert table["wrn"]["batchstat_accuracy"] == 0.5
     assert line_of(table, "cnn").count("± ") == 2  # accuracy and macro F1
     assert f"{cnn['accuracy']:.4f} ± {cnn['accuracy_std']:.4f} (2 seeds)" in line_of(table, "cnn")
-    assert "| 824,458 |" in line_of(table, "cnn") and "| 60.5 s |" in line_of(table, "cnn")
-    assert "| 0.9150 |" in line_of(table, "cnn")  # flip TTA column
+    assert {"824,458", "60.5 s", "0.9150"} <= cells(table, "cnn")  # parameters, time, flip TTA
     svm = table["svm-rbf"]
     assert svm["runs"] == 1 and svm["seeds"] == [] and svm["parameters"] is None
     assert svm["recipe"] == "rbf recipe in words" and svm["train_s"] == 233.0
@@ -147,12 +155,18 @@ def test_class_accuracy_comes_from_the_predictions(tree):
 
 def test_compare_writes_its_files(tree):
     table = report.compare(PLAN, tree)
-    assert json.loads((tree / "metrics/compare.json").read_text()) == table
+    assert json.loads((tree / "reports/results.json").read_text()) == table
+    compact = json.loads((tree / "metrics/compare.json").read_text())
+    assert compact == report.compact(table) and set(compact) == {r for r, e in table.items() if not e.get("not_run")}
+    # per row only the numbers a reader compares: no words, no per-class scores, no std of one seed
+    assert set(compact["cnn"]) == {"accuracy", "accuracy_std", "macro_f1", "tta_accuracy", "parameters", "train_s"}
+    assert set(compact["svm-rbf"]) == {"accuracy", "macro_f1", "train_s"}
+    assert compact["wrn"]["batchstat_accuracy"] == 0.5
     results = (tree / "reports/results.md").read_text()
     assert report.results_table(table) in results
-    assert "## Per-class accuracy" in results and "| cnn | " in results.split("## Per-class accuracy")[1]
+    assert "## Per-class accuracy" in results and "| cnn " in results.split("## Per-class accuracy")[1]
     batch_norm = results.split("## Batch-norm statistics")[1].split("## Figures")[0]
-    assert "| wrn |" in batch_norm and "| cnn |" not in batch_norm
+    assert "| wrn " in batch_norm and "| cnn " not in batch_norm
     for name in ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy", "learning_curves"):
         assert (tree / "plots/compare" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert report.read_curve(tree / "plots/train/cnn-seed0/plots/metrics/val/acc.tsv") == ([0.0, 1.0], [0.5, 0.7])
@@ -202,7 +216,7 @@ def test_a_row_never_run_shows_its_command(tree):
     assert table["svm-hog_seed"]["command"] == "dvc repro evaluate_svm@hog_seed"
     line = line_of(table, "wrn")
     assert "not run at quick scale" in line and "`dvc repro evaluate@wrn-0 evaluate@wrn-1`" in line
-    assert "| wrn |" not in report.class_accuracy_table(table)
+    assert "| wrn " not in report.class_accuracy_table(table)
     markdown = (tree / "reports/results.md").read_text()
     assert "`dvc repro evaluate_svm@hog_seed`" in markdown
 
@@ -275,7 +289,7 @@ def test_compare_stage(tree, write_params, monkeypatch):
     monkeypatch.chdir(tree)
     result = invoke(compare_main, ["--params", params])
     assert result.exit_code == 0, result.output
-    table = json.loads((tree / "metrics/compare.json").read_text())
+    table = json.loads((tree / "reports/results.json").read_text())
     assert result.output.strip() == report.results_table(table).strip()
     assert table["cnn"]["runs"] == 2 and table["se_wrn"]["not_run"]
 
@@ -293,12 +307,12 @@ def test_compare_stage_without_evaluations_names_the_fix(tmp_path, write_params,
 
 def test_readme_block_update_and_check_round_trip(tree):
     table = report.compare(PLAN, tree)
-    metrics = tree / "metrics/compare.json"
+    metrics = tree / "reports/results.json"
     path = tree / "README.md"
     path.write_text(f"# x\n\n## Results\n\n{readme.START}\nold table\n{readme.END}\n\n## After\n")
 
     def cli(*args):
-        return invoke(readme.main, ["--readme", path, "--metrics", metrics, *args])
+        return invoke(readme.main, ["--readme", path, "--results", metrics, *args])
 
     result = cli("--check")
     assert result.exit_code == 1 and "differs" in result.output and "python -m fashionbench.readme" in result.output
@@ -326,7 +340,7 @@ def test_readme_without_markers_or_metrics(tmp_path):
     with pytest.raises(UserError, match="markers"):
         readme.update(path, {})
     assert path.read_text() == "# x\n"
-    result = invoke(readme.main, ["--readme", path, "--metrics", tmp_path / "none.json"])
+    result = invoke(readme.main, ["--readme", path, "--results", tmp_path / "none.json"])
     assert result.exit_code == 2 and "dvc repro compare" in result.output
 
 
@@ -336,13 +350,13 @@ def new_layout(table: dict) -> bool:
                              and isinstance(e.get("seeds"), list) for e in ran)
 
 
-def test_repository_readme_matches_metrics_compare_json():
-    compare_json = REPO / "metrics/compare.json"
-    if not compare_json.is_file():
-        pytest.skip("metrics/compare.json is absent: run `dvc repro compare`")
-    table = json.loads(compare_json.read_text())
+def test_repository_readme_matches_reports_results_json():
+    results_json = REPO / "reports/results.json"
+    if not results_json.is_file():
+        pytest.skip("reports/results.json is absent: run `dvc repro compare`")
+    table = json.loads(results_json.read_text())
     if not new_layout(table):
-        pytest.skip("metrics/compare.json predates the current compare layout: run `dvc repro compare`")
+        pytest.skip("reports/results.json predates the current compare layout: run `dvc repro compare`")
     assert readme.current_block(REPO / "README.md") == readme.block(table), \
         "README.md's results table is stale: run `python -m fashionbench.readme`"
 
@@ -479,7 +493,7 @@ def test_quick_passes_within_tolerance_and_updates_the_baseline(workspace, monke
     assert result.exit_code == 0 and "ok: no row's accuracy dropped" in result.output
     result = invoke(quick.main, ["--update-baseline"])
     assert result.exit_code == 0 and "wrote reports/quick-baseline.json" in result.output
-    assert json.loads((workspace / "reports/quick-baseline.json").read_text()) == better
+    assert json.loads((workspace / "reports/quick-baseline.json").read_text()) == report.compact(better)
 
 
 def test_quick_without_a_baseline_says_how_to_make_one(workspace, monkeypatch):

@@ -366,13 +366,15 @@ def test_stats_stage_on_synthetic_files(raw_splits, tmp_path, write_params, monk
         small_quick_scale(p)
         p["stats"].update(sprite_per_class=2, tsne_perplexity=5.0)
     params = write_params(edit)
-    metrics, plots = tmp_path / "stats.json", tmp_path / "plots"
+    metrics, report, plots = tmp_path / "stats.json", tmp_path / "dataset.json", tmp_path / "plots"
     result = run_stage(stage.main, ["--params", params, "--raw", tmp_path / "raw", "--metrics", metrics,
-                                    "--plots", plots])
+                                    "--report", report, "--plots", plots])
     assert result.exit_code == 0, result.output
     stats = json.loads(metrics.read_text())
+    assert set(stats) == {"train_images", "test_images", "train_mean", "train_std"}  # tracked: numbers
     assert (stats["train_images"], stats["test_images"]) == (300, 50)
-    assert set(stats["train_per_class"].values()) == {30}
+    described = json.loads(report.read_text())
+    assert described.items() >= stats.items() and set(described["train_per_class"].values()) == {30}
     assert stats["train_mean"] == pytest.approx(raw_splits[0].images.mean() / 255, abs=1e-6)
     assert sorted(p.name for p in plots.iterdir()) == [
         "class_means.png", "pca.png", "pixel_histogram.png", "samples.png", "tsne.png"]
@@ -381,24 +383,24 @@ def test_stats_stage_on_synthetic_files(raw_splits, tmp_path, write_params, monk
     seen = []
     monkeypatch.setattr(stage, "write_figures", lambda train, cfg, seed, out: seen.append(cfg))
     assert run_stage(stage.main, ["--params", params, "--raw", tmp_path / "raw", "--metrics", metrics,
-                                  "--plots", plots]).exit_code == 0
+                                  "--report", report, "--plots", plots]).exit_code == 0
 
     def full_scale(p):
         small_quick_scale(p)
         p["quick"] = False
     full = write_params(full_scale)
     assert run_stage(stage.main, ["--params", full, "--raw", tmp_path / "raw", "--metrics", metrics,
-                                  "--plots", plots]).exit_code == 0
+                                  "--report", report, "--plots", plots]).exit_code == 0
     section = yaml.safe_load(full.read_text())["stats"]
     assert [(c.tsne_size, c.pca_size) for c in seen] == [(60, 80), (section["tsne_size"], section["pca_size"])]
 
 
 @pytest.mark.real_data
 def test_real_files_statistics(real_raw):
-    from fashionbench.stats import summary
+    from fashionbench.stats import description
 
     train, test = data.load_raw(real_raw)
-    stats = summary(train, test)
+    stats = description(train, test)
     assert set(stats["train_per_class"].values()) == {6000}
     assert set(stats["test_per_class"].values()) == {1000}
     assert f"{stats['train_mean']:.4f}" == "0.2860"
@@ -416,7 +418,7 @@ def test_stats_stage_writes_metrics_and_figures(real_raw, tmp_path, write_params
     params = write_params(small)
     metrics, plots = tmp_path / "stats.json", tmp_path / "plots"
     result = run_stage(main, ["--params", params, "--raw", real_raw, "--metrics", metrics,
-                              "--plots", plots])
+                              "--report", tmp_path / "dataset.json", "--plots", plots])
     assert result.exit_code == 0, result.output
     assert json.loads(metrics.read_text())["train_images"] == 60000
     assert sorted(p.name for p in plots.iterdir()) == [

@@ -1,0 +1,187 @@
+"""Classify your own images with a trained row: the top classes with their probabilities.
+
+    python -m fashionbench.predict shoe.jpg shirt.png                    # the cnn row, seed 0
+    python -m fashionbench.predict shoe.jpg --model resnet7              # another deep row
+    python -m fashionbench.predict shoe.jpg --model svm-hog --json       # an SVM row, JSON out
+    python -m fashionbench.predict shoe.jpg --model models/cnn/seed0/model.pt
+
+Any PNG/JPEG (any size, colour or grey, dark-on-light or light-on-dark) is brought to what
+the model was trained on: grey, the garment bright on a dark background (a bright border
+means a dark-on-light photo, which is inverted), padded to a square, resized to the input
+size recorded in model.pt and normalised with the training statistics recorded there. An
+image already in the dataset's form (28x28 grey, light on dark) passes unchanged, so its
+prediction is exactly the evaluate stage's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import typer
+
+from fashionbench.cli import user_errors
+from fashionbench.dataset import CLASS_NAMES, IMAGE_SIDE, LIGHT_ON_DARK
+from fashionbench.errors import UserError
+
+POLARITIES = ("auto", "light-on-dark", "dark-on-light")
+
+
+class PredictError(UserError):
+    """An image or model file that cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A trained row reduced to what prediction needs."""
+
+    path: Path
+    side: int                                            # input images are side x side, grey
+    probabilities: Callable[[np.ndarray], np.ndarray]    # uint8 (N, side, side) -> (N, classes)
+    kind: str                                            # what the probabilities are
+
+
+def model_path(model: str) -> Path:
+    """A model file from a path, a deep run ("cnn", "cnn-seed1") or an SVM row ("svm-hog")."""
+    if model.endswith((".pt", ".joblib")) or "/" in model:
+        return Path(model)
+    if model.startswith("svm-"):
+        return Path("models/svm") / model[4:] / "model.joblib"
+    row, sep, seed = model.rpartition("-seed")
+    return Path("models") / (row if sep else model) / f"seed{seed if sep else 0}" / "model.pt"
+
+
+def _train_stage(path: Path) -> str:
+    # models/svm/<recipe>/model.joblib and models/<row>/seed<N>/model.pt, as dvc.yaml writes them
+    if path.suffix == ".joblib":
+        return f"train_svm@{path.parent.name}"
+    seed = path.parent.name.removeprefix("seed")
+    return f"train_{path.parent.parent.name}@{seed}"
+
+
+def _missing_model(path: Path) -> PredictError:
+    return PredictError(f"model file {path} not found: `dvc pull {path}` fetches it from the "
+                        f"remote, or `dvc repro {_train_stage(path)}` trains it")
+
+
+def load_classifier(path: Path, batch_size: int = 1024) -> Classifier:
+    """The deep model (model.pt) or SVM pipeline (model.joblib) at `path`, on the CPU."""
+    if not path.is_file():
+        raise _missing_model(path)
+    if path.suffix == ".joblib":
+        return _svm_classifier(path)
+    import torch
+
+    from fashionbench.evaluate import predict_proba
+    from fashionbench.models import load_trained
+
+    model, meta = load_trained(path)  # names the file and the stage when it does not load
+    channels, height, width = meta["input_shape"]
+    if channels != 1 or height != width:
+        raise PredictError(f"{path} expects {channels}-channel {height}x{width} input; "
+                           "predict feeds square grey images")
+    cpu = torch.device("cpu")
+    return Classifier(path, height, lambda images: predict_proba(
+        model, images, meta["mean"], meta["std"], batch_size, cpu), "probability")
+
+
+def _svm_classifier(path: Path) -> Classifier:
+    import joblib
+
+    from fashionbench.evaluate import softmax
+
+    try:
+        pipeline = joblib.load(path)
+        decision = pipeline.decision_function
+    except Exception as err:  # truncated or foreign file: any unpickling error
+        raise PredictError(f"{path} is not a readable SVM model ({type(err).__name__}): re-run "
+                           f"`dvc repro {_train_stage(path)}` or `dvc pull {path}`") from None
+    # SVMs give decision scores; their softmax ranks the classes but is not calibrated.
+    return Classifier(path, IMAGE_SIDE, lambda images: softmax(decision(images)), "svm-score-softmax")
+
+
+def _border(image: np.ndarray) -> np.ndarray:
+    return np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+
+
+def is_dark_on_light(image: np.ndarray) -> bool:
+    """A bright border means a light background: a photo of a garment on paper, say."""
+    return float(_border(image).mean()) > 127.5
+
+
+def load_image(path: Path, side: int, polarity: str = "auto") -> np.ndarray:
+    """uint8 (side, side): grey, light on dark like the training images, padded square, resized."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+            grey = np.asarray(image.convert("L"))
+    except FileNotFoundError:
+        raise PredictError(f"image {path} not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise PredictError(f"{path} is not an image this can read (PNG, JPEG, ...): {err}") from None
+    dark_on_light = is_dark_on_light(grey) if polarity == "auto" else polarity == "dark-on-light"
+    if dark_on_light == LIGHT_ON_DARK:
+        grey = 255 - grey
+    return _fit(grey, side)
+
+
+def _fit(grey: np.ndarray, side: int) -> np.ndarray:
+    from PIL import Image
+
+    height, width = grey.shape
+    if (height, width) == (side, side):
+        return grey
+    square = max(height, width)
+    fill = int(np.median(_border(grey)))
+    canvas = np.full((square, square), fill, dtype=np.uint8)
+    top, left = (square - height) // 2, (square - width) // 2
+    canvas[top:top + height, left:left + width] = grey
+    # Area averaging when shrinking keeps every pixel's weight (a 2x enlargement comes back exact).
+    resample = Image.Resampling.BOX if square > side else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(canvas).resize((side, side), resample))
+
+
+def predict(images: list[Path], classifier: Classifier, polarity: str = "auto",
+            top: int = 3) -> list[dict]:
+    """For each image, its `top` classes, most probable first. Every image is read before any
+    is classified, so a bad file stops the command before it prints anything."""
+    batch = np.stack([load_image(path, classifier.side, polarity) for path in images])
+    probabilities = classifier.probabilities(batch)
+    results = []
+    for path, probs in zip(images, probabilities):
+        best = np.argsort(-probs, kind="stable")[:top]
+        results.append({"image": str(path), "model": str(classifier.path), "kind": classifier.kind,
+                        "top": [{"class": CLASS_NAMES[i], "index": int(i),
+                                 "probability": round(float(probs[i]), 4)} for i in best]})
+    return results
+
+
+def main(images: list[Path] = typer.Argument(..., help="PNG/JPEG files"),
+         model: str = typer.Option("cnn", help="a deep row (cnn, resnet7-seed1), an SVM row "
+                                   "(svm-hog) or a model.pt / model.joblib path"),
+         top: int = typer.Option(3, min=1, max=len(CLASS_NAMES), help="classes shown per image"),
+         polarity: str = typer.Option("auto", help="auto | light-on-dark | dark-on-light"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON instead of text")) -> None:
+    """Print the most probable classes of each image under a trained row."""
+    with user_errors():
+        if polarity not in POLARITIES:
+            raise PredictError(f"--polarity {polarity!r}: use one of {', '.join(POLARITIES)}")
+        results = predict(images, load_classifier(model_path(model)), polarity, top)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+        typer.echo(f"{result['image']}: {ranked}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

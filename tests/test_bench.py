@@ -1,0 +1,29 @@
+"""The speed bench's ceiling rows: the matmul rate and the bare training step (timings are
+measured by `python -m bench.train_speed`, never asserted here)."""
+
+import torch
+
+from bench import train_speed as bench
+from fashionbench.models import build_model
+from fashionbench.models.cnn import CNNArch
+
+CPU = torch.device("cpu")
+
+
+def test_matmul_rate_is_a_positive_flop_rate():
+    rate = bench.matmul_gflop_per_s(CPU, torch.float32, seconds=0.05)
+    assert rate > 0 and bench.matmul_size(CPU) == 2048
+
+
+def test_bare_step_trains_the_model_on_resident_tensors():
+    torch.manual_seed(0)
+    model = build_model("cnn", CNNArch(dropout=0.5))
+    before = [p.detach().clone() for p in model.parameters()]
+    ips = bench.bare_step_images_per_s(model, CPU, batch=8, bf16=False, channels_last=True, steps=2)
+    assert ips > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
+
+
+def test_fraction_of_a_ceiling():
+    assert bench._fraction(50.0, 200.0) == "25%"
+    assert bench._fraction(50.0, None) == "-"
