@@ -34,6 +34,8 @@ from fashionbench.train import (Runtime, make_optimizer, make_runtime, make_sche
                                 resolve_device, steps_per_epoch, to_device, train_one_epoch)
 
 MODELS = ("cnn", "wrn-16-4")
+CUDA_MODELS = MODELS + ("wrn-40-4",)   # the full-recipe WRN on a GPU: its seconds per epoch
+EPOCH_IMAGES = 60_000                  # one epoch of the full training set
 
 
 def _setup(spec: dict):
@@ -177,7 +179,7 @@ def run_matmul(spec: dict) -> dict:
     device = resolve_device(spec.get("device", "auto"))
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     dtypes = (torch.float32, torch.bfloat16) if native_bf16(device) else (torch.float32,)
-    return {"size": matmul_size(device),
+    return {"size": matmul_size(device), "device": str(device),
             "gflop_per_s": {str(d).removeprefix("torch."): matmul_gflop_per_s(device, d) for d in dtypes}}
 
 
@@ -213,16 +215,17 @@ def _fraction(value: float, ceiling: float | None) -> str:
 def _table(title: str, rows: list[tuple[str, dict, dict | None]], bare: dict[str, float],
            peak: float | None) -> None:
     print(f"\n{title}\n")
-    print("| model | loop / switch | images/s | ratio | of bare step | GFLOP/s | of matmul peak "
-          "| peak RSS MiB | peak device MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | loop / switch | images/s | s per epoch | ratio | of bare step | GFLOP/s "
+          "| of matmul peak | peak RSS MiB | peak device MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, result, base in rows:
         if "error" in result:
-            print(f"| {label} | failed: {result['error']} | | | | | | |")
+            print(f"| {label} | failed: {result['error']} | | | | | | | |")
             continue
         ratio = result["images_per_s"] / base["images_per_s"] if base and "error" not in base else 1.0
         model = label.split(" |")[0]
-        print(f"| {label} | {result['images_per_s']:.0f} | {ratio:.2f} "
+        print(f"| {label} | {result['images_per_s']:.0f} | {EPOCH_IMAGES / result['images_per_s']:.1f} "
+              f"| {ratio:.2f} "
               f"| {_fraction(result['images_per_s'], bare.get(model))} | {result['gflop_per_s']:.1f} "
               f"| {_fraction(result['gflop_per_s'], peak)} | {result['peak_rss_mib']:.0f} "
               f"| {result['peak_device_mib']:.0f} |")
@@ -234,13 +237,14 @@ def _ceiling(common: dict) -> tuple[dict[str, float], float | None]:
     print("\nThe ceiling: dense matmul rate (GFLOP/s, same threads) and the bare training step "
           "(random tensors resident, no augmentation or bookkeeping; best of fp32/bf16 where "
           "native, NCHW/channels_last, batch 128/256)\n")
+    models = CUDA_MODELS if "cuda" in str(matmul.get("device", "")) else MODELS
     print("| model | row | images/s | GFLOP/s | best configuration |")
     print("|---|---|---:|---:|---|")
     rates = matmul.get("gflop_per_s", {})
     for dtype, rate in rates.items():
         print(f"| - | matmul {dtype} | - | {rate:.1f} | square {matmul['size']} |")
     bare = {}
-    for model in MODELS:
+    for model in models:
         result = _spawn({**common, "model": model, "kind": "ceiling"})
         if "error" in result:
             print(f"| {model} | bare step | failed: {result['error']} | | |")
@@ -265,8 +269,9 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
     print(f"device: {first.get('device')}, host: {platform.processor() or platform.machine()}, "
           f"{first.get('threads')} threads; {images} timed images per WRN row, {8 * images} per CNN row")
     bare, peak = _ceiling(common)
+    models = CUDA_MODELS if str(first.get("device", "")).startswith("cuda") else MODELS
     versus = []
-    for model in MODELS:
+    for model in models:
         reference = _spawn({**common, "model": model, "loop": "reference", "batch": 128})
         engine = first if model == "cnn" else _spawn(
             {**common, "model": model, "loop": "engine", "batch": 128, "precision": "default"})

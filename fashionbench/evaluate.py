@@ -15,11 +15,11 @@ from torch import nn
 
 from fashionbench.augment import normalise
 from fashionbench.data import Split, load_prepared
-from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES
+from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES, INPUT_SHAPE
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
-from fashionbench.params import Evaluate, Params
+from fashionbench.params import Evaluate, Params, run_ids
 from fashionbench.scores import classification_metrics
 SOFTMAX = "softmax"              # predictions/<id>.npz `kind`: model probabilities
 SVM_SOFTMAX = "svm-score-softmax"  # softmax of SVM decision scores: not calibrated
@@ -54,14 +54,13 @@ class Run:
 
 def parse_run_id(run_id: str, params: Params) -> Run:
     """Run for "cnn-seed0" or "svm-rbf"; a UserError lists the valid ids otherwise."""
-    if run_id.startswith("svm-") and run_id[4:] in params.svm:
-        return Run(run_id, "svm", variant=run_id[4:])
-    model, sep, seed = run_id.rpartition("-seed")
-    if sep and model in params.recipes and seed.isdigit() and int(seed) in params.seeds:
-        return Run(run_id, model, seed=int(seed))
-    valid = [f"{m}-seed{s}" for m in params.recipes for s in params.seeds]
-    valid += [f"svm-{v}" for v in params.svm]
-    raise EvaluateError(f"unknown run id {run_id!r}; valid ids (from params.yaml): {', '.join(valid)}")
+    runs = run_ids(params.svm, params.recipes, params.seeds)
+    for known, row, seed in runs:
+        if known == run_id:
+            svm = row.startswith("svm-")
+            return Run(run_id, "svm" if svm else row, seed, row[4:] if svm else None)
+    valid = ", ".join(known for known, _, _ in runs)
+    raise EvaluateError(f"unknown run id {run_id!r}; valid ids (from params.yaml): {valid}")
 
 
 # ---------------------------------------------------------------- metrics
@@ -238,6 +237,34 @@ def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred:
     save_figure(fig, path, dpi=100)
 
 
+def first_layer_weights(model: nn.Module) -> tuple[np.ndarray, str] | None:
+    """The first layer's weights as images (N, h, w) and what they are: a conv layer's filters
+    (first input channel) or, for a layer reading the flattened image, each unit's weights
+    over the pixels. None when the first weighted layer is neither."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    weight = first.weight.detach().float().cpu() if first is not None else None
+    if isinstance(first, nn.Conv2d):
+        return weight[:, 0].numpy(), f"first conv layer: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]}"
+    if isinstance(first, nn.Linear) and first.in_features == INPUT_SHAPE[1] * INPUT_SHAPE[2]:
+        return (weight.reshape(-1, *INPUT_SHAPE[1:]).numpy(),
+                f"first layer: {weight.shape[0]} units' weights over the {INPUT_SHAPE[1]}x{INPUT_SHAPE[2]} pixels")
+    return None
+
+
+def weight_map(maps: np.ndarray, title: str, path: Path, limit: int = 64) -> None:
+    """PNG of up to `limit` weight maps as tiles, each on its own symmetric colour scale."""
+    maps = maps[:limit]
+    cols = min(len(maps), 16)
+    fig, axes = _figure_grid(len(maps), cols, row_height=1.0)
+    fig.set_size_inches(0.9 * cols, 0.95 * axes.shape[0] + 0.5)
+    for ax, tile in zip(axes.flat, maps):
+        scale = float(np.abs(tile).max()) or 1.0
+        ax.imshow(tile, cmap="RdBu_r", vmin=-scale, vmax=scale)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
 def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path) -> None:
     """actual,predicted per test image as class names: the input of DVC's confusion template."""
     import csv
@@ -298,6 +325,11 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batch = predict_proba(model, test.images, batch_stats=True, **norm)
         info["batchstat_accuracy"] = float(np.mean(batch.argmax(axis=1) == test.labels))
+    weights = first_layer_weights(model)
+    if weights is not None:
+        maps, title = weights
+        shown = f" (the first {min(len(maps), 64)})" if len(maps) > 64 else ""
+        weight_map(maps, title + shown, plots / "first_layer.png")
     layer = gradcam_layer(model)
     if layer is not None:
         idx = one_per_class(test.labels, cfg.gradcam_images)

@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 from ruamel.yaml import YAML, YAMLError
 
@@ -479,6 +479,13 @@ def _check_keys(section: Mapping[str, Any], cls: type, where: str) -> None:
             _check_keys(value, hints[key], f"{where}.{key}")
 
 
+def run_ids(svm: Iterable[str], deep: Iterable[str], seeds: Iterable[int]) -> list[tuple[str, str, int | None]]:
+    """(run id, row, seed) of every run: "svm-<recipe>" once per SVM recipe (row "svm-<recipe>",
+    no seed), "<row>-seed<N>" per deep row and seed. The one home of the run-id format."""
+    return ([(f"svm-{k}", f"svm-{k}", None) for k in svm]
+            + [(f"{row}-seed{seed}", row, seed) for row in deep for seed in seeds])
+
+
 @dataclass(frozen=True)
 class Plan:
     """The runs params.yaml defines, read without building models (no torch): what the
@@ -498,8 +505,7 @@ class Plan:
 
     def runs(self) -> list[tuple[str, str, int | None]]:
         """(run id, row, seed) of every run: one per SVM recipe, one per deep row and seed."""
-        return ([(f"svm-{k}", f"svm-{k}", None) for k in self.svm]
-                + [(f"{row}-seed{seed}", row, seed) for row in self.deep for seed in self.seeds])
+        return run_ids(self.svm, self.deep, self.seeds)
 
     def row_of(self, run_id: str) -> str:
         return run_id if run_id.startswith("svm-") else run_id.rpartition("-seed")[0]

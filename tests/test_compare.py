@@ -167,8 +167,11 @@ def test_compare_writes_its_files(tree):
     assert "## Per-class accuracy" in results and "| cnn " in results.split("## Per-class accuracy")[1]
     batch_norm = results.split("## Batch-norm statistics")[1].split("## Figures")[0]
     assert "| wrn " in batch_norm and "| cnn " not in batch_norm
-    for name in ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy", "learning_curves"):
+    for name in report.FIGURES:
         assert (tree / "plots/compare" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # the most accurate single-model row (wrn: 8 mistakes a seed) shows its first seed's gallery
+    assert report.best_run(table, report.load_runs(tree, PLAN)[0]) == "wrn-seed0"
+    assert (tree / "plots/compare/best_mistakes.png").read_bytes() == PNG + b"wrn-seed0"
     assert report.read_curve(tree / "plots/train/cnn-seed0/plots/metrics/val/acc.tsv") == ([0.0, 1.0], [0.5, 0.7])
 
 

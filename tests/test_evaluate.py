@@ -177,6 +177,19 @@ def test_gradcam_on_the_last_conv_stage(name, arch, layer_type):
     assert not layer._forward_hooks  # the hook is removed
 
 
+def test_first_layer_weights_of_conv_and_dense_models():
+    torch.manual_seed(0)
+    mlp = build_model("mlp", MLPArch(hidden=(16,), dropout=0.0))
+    maps, title = ev.first_layer_weights(mlp)
+    first = next(m for m in mlp.modules() if isinstance(m, nn.Linear))
+    assert maps.shape == (16, 28, 28) and "16 units" in title
+    np.testing.assert_array_equal(maps[3].reshape(-1), first.weight[3].detach().numpy())
+    cnn = build_model("cnn", CNNArch(dropout=0.5))
+    maps, title = ev.first_layer_weights(cnn)
+    conv = next(m for m in cnn.modules() if isinstance(m, nn.Conv2d))
+    assert maps.shape == (conv.out_channels, *conv.kernel_size) and "filters" in title
+
+
 def test_no_gradcam_for_the_mlp():
     assert ev.gradcam_layer(build_model("mlp", MLPArch(hidden=(8,), dropout=0.0))) is None
 
@@ -207,8 +220,9 @@ def test_deep_run_writes_every_output(repo):
     assert confusion[0] == ["actual", "predicted"] and len(confusion) == 51
     assert [row[1] for row in confusion[1:]] == [ev.CLASS_NAMES[p] for p in saved["probs"].argmax(1)]
     plots = repo / "plots/eval/cnn-seed0"
-    assert {p.name for p in plots.iterdir()} == {"mistakes.png", "gradcam.png"}
-    assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in ("mistakes.png", "gradcam.png"))
+    names = {"mistakes.png", "gradcam.png", "first_layer.png"}
+    assert {p.name for p in plots.iterdir()} == names
+    assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in names)
     assert "cnn-seed0: test accuracy" in result.output
 
 
@@ -292,7 +306,8 @@ def test_batchstat_accuracy_for_batch_norm_models_only(repo):
     mlp = ev.evaluate_run("mlp-seed0", params)
     assert "batchstat_accuracy" not in mlp and "batchstat_accuracy" not in json.loads(
         (repo / "metrics/eval/mlp-seed0.json").read_text())
-    assert {p.name for p in (repo / "plots/eval/mlp-seed0").iterdir()} == {"mistakes.png"}  # no Grad-CAM
+    # no Grad-CAM without convolutions; the first layer's weights as 28x28 maps
+    assert {p.name for p in (repo / "plots/eval/mlp-seed0").iterdir()} == {"mistakes.png", "first_layer.png"}
     assert (repo / "plots/confusion/mlp-seed0.csv").is_file()
 
 
@@ -392,8 +407,8 @@ def test_unknown_run_ids_list_the_valid_ones(repo, run_id):
     message = str(caught.value)
     assert repr(run_id) in message and "valid ids" in message
     valid = message.split("valid ids (from params.yaml): ")[1].split(", ")
-    assert valid == [f"{row}-seed{s}" for row in params.recipes for s in params.seeds] + \
-        [f"svm-{name}" for name in params.svm]
+    assert valid == [f"svm-{name}" for name in params.svm] + \
+        [f"{row}-seed{s}" for row in params.recipes for s in params.seeds]
     assert_one_error_line(run_stage([run_id]), "valid ids", "se_wrn-seed0", "svm-hog_seed")
 
 

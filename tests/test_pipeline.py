@@ -348,6 +348,22 @@ def test_remote_shares_results_and_the_run_cache(repo, tmp_path):
     assert failed.returncode != 0 and "models/cnn/seed0/model.pt" in failed.output, failed.output
 
 
+def test_runner_pieces_then_dvc_commit_leave_the_stage_up_to_date(repo):
+    # A run trained where DVC is absent (the runner), in pieces, then recorded by DVC.
+    raw = repo.params()
+    raw["mlp"]["lr"] = 0.003
+    repo.write_params(raw)
+    assert "train_mlp@0" in repo.dvc("status").output
+    command = ["python", "-m", "fashionbench.runner", "train", "mlp", "--seed", "0"]
+    piece = run([*command, "--epochs", "1"], repo.root, repo.env, check=False)
+    assert piece.returncode == 3 and f"stopped after epoch 1 of {MLP_EPOCHS}" in piece.output, piece.output
+    done = run([*command, "--epochs", "1"], repo.root, repo.env)
+    assert "done" in done.output, done.output
+    assert "lr 0.003," in repo.read_json("metrics/train/mlp-seed0.json")["recipe"]
+    repo.dvc("commit", "-f", "train_mlp@0")
+    assert "up to date" in repo.dvc("status", "train_mlp@0").output
+
+
 # ---------------------------------------------------------------- experiments (background)
 
 

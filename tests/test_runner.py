@@ -1,0 +1,96 @@
+"""The runner: a run trained in pieces equals one trained at once, its outputs are the train
+stage's, and they travel split and come back joined."""
+
+import numpy as np
+import pytest
+import torch
+
+from fashionbench import runner
+from fashionbench.data import Split, save_prepared
+from tests.conftest import invoke, with_train_stats
+
+EPOCHS = 3
+
+
+@pytest.fixture
+def make_root(tmp_path, write_params, monkeypatch):
+    """A repository root with a tiny params.yaml (the MLP, EPOCHS epochs on the CPU) and
+    prepared data; each call makes a separate root with its own checkpoints."""
+    def edit(p):
+        p["quick"] = False
+        p["train_defaults"] |= {"device": "cpu", "checkpoint_every": 1}
+        p["mlp"] |= {"epochs": EPOCHS, "arch": {"hidden": [16], "dropout": 0.0}}
+    params = write_params(edit).read_text()
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), np.repeat(np.arange(10), 20))
+
+    def make(name):
+        root = tmp_path / name
+        (root / "data").mkdir(parents=True)
+        (root / "params.yaml").write_text(params)
+        save_prepared(with_train_stats(split, None, split), root / "data/prepared")
+        return root
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    return make
+
+
+def train(root, *args):
+    return invoke(runner.train, ["mlp", "--root", root, *args])
+
+
+def state(root):
+    return torch.load(root / "models/mlp/seed0/model.pt", weights_only=True)["state_dict"]
+
+
+def test_pieces_resume_to_the_same_weights_as_one_run(make_root, tmp_path, monkeypatch):
+    pieces = make_root("pieces")
+    for epoch in (1, 2):
+        result = train(pieces, "--epochs", "1")
+        assert result.exit_code == runner.NOT_DONE_EXIT, result.output
+        assert f"stopped after epoch {epoch} of {EPOCHS}" in result.output
+        assert not (pieces / "models/mlp/seed0/model.pt").exists()  # written by the last piece only
+    result = train(pieces, "--epochs", "1")
+    assert result.exit_code == 0 and "done" in result.output, result.output
+
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "other-checkpoints"))
+    whole = make_root("whole")
+    assert train(whole).exit_code == 0
+    for key, tensor in state(whole).items():
+        assert torch.equal(tensor, state(pieces)[key]), key  # bit-identical on the CPU
+    for name in ("train/loss", "train/acc", "lr"):
+        tsv = f"plots/train/mlp-seed0/plots/metrics/{name}.tsv"
+        assert (pieces / tsv).read_text() == (whole / tsv).read_text()
+        assert len((pieces / tsv).read_text().splitlines()) == EPOCHS + 1  # header + one per epoch
+
+
+def test_outputs_are_the_train_stages(make_root):
+    root = make_root("run")
+    assert train(root).exit_code == 0
+    record = (root / "metrics/train/mlp-seed0.json").read_text()
+    assert '"run": "mlp-seed0"' in record and '"epochs": 3' in record
+    assert (root / "plots/train/mlp-seed0/metrics.json").is_file()
+    assert [p.as_posix() for p in runner.outputs("mlp", 0)] == [
+        "models/mlp/seed0/model.pt", "metrics/train/mlp-seed0.json", "plots/train/mlp-seed0"]
+
+
+def test_split_transfer_and_place(make_root, tmp_path):
+    root, out = make_root("gpu"), tmp_path / "out"
+    assert train(root, "--out", out, "--split-mib", "0.01").exit_code == 0
+    parts = sorted((out / "models/mlp/seed0").iterdir())
+    assert len(parts) > 1 and all(p.stat().st_size <= 0.01 * 2**20 for p in parts)
+    home = tmp_path / "home"
+    result = invoke(runner.place, [out, "--root", home])
+    assert result.exit_code == 0 and "dvc commit" in result.output, result.output
+    for rel in ("models/mlp/seed0/model.pt", "metrics/train/mlp-seed0.json",
+                "plots/train/mlp-seed0/plots/metrics/train/loss.tsv"):
+        assert (home / rel).read_bytes() == (root / rel).read_bytes(), rel
+
+    parts[-1].unlink()  # a part lost in transfer
+    broken = tmp_path / "broken"
+    result = invoke(runner.place, [out, "--root", broken])
+    assert result.exit_code == 2 and "model.pt" in result.output and "Traceback" not in result.output
+
+
+def test_place_refuses_a_missing_folder(tmp_path):
+    result = invoke(runner.place, [tmp_path / "nowhere"])
+    assert result.exit_code == 2 and "nowhere" in result.output
