@@ -134,7 +134,7 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> p
         if absent:
             recipe += f" ({', '.join(absent)}: not run)"
         metrics = classification_metrics(labels, probs.argmax(axis=1))
-        records.append({"id": f"{ENSEMBLE}-seed{seed}", "row": ENSEMBLE, "seed": seed, **metrics,
+        records.append({"id": f"{ENSEMBLE}-seed{int(seed)}", "row": ENSEMBLE, "seed": int(seed), **metrics,
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
                         "train_s": parts["train_s"].sum(),
                         "hardware": ", ".join(sorted(set(parts["hardware"].dropna())))}
