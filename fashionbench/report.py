@@ -264,12 +264,13 @@ def class_accuracy_table(table: dict) -> str:
 
 def batch_norm_table(table: dict) -> str:
     """Eval-mode (running statistics after precise-BN) against batch-statistics accuracy."""
-    rows = {row: {"eval mode": e["accuracy"], "batch statistics": e["batchstat_accuracy"],
+    rows = {row: {"eval mode": f"{e['accuracy']:.4f}", "batch statistics": f"{e['batchstat_accuracy']:.4f}",
                   "difference": f"{e['accuracy'] - e['batchstat_accuracy']:+.4f}"}
             for row, e in table.items() if e.get("batchstat_accuracy") is not None}
     frame = pd.DataFrame.from_dict(rows, orient="index",
                                    columns=["eval mode", "batch statistics", "difference"])
-    return frame.rename_axis("row").reset_index().to_markdown(index=False, floatfmt=".4f") + "\n"
+    return frame.rename_axis("row").reset_index().to_markdown(
+        index=False, disable_numparse=True, colalign=["left", "right", "right", "right"]) + "\n"
 
 
 def results_markdown(table: dict) -> str:

@@ -426,8 +426,11 @@ def test_grid_search_with_the_dvc_queue(tmp_path, monkeypatch):
     runs = {}
     for commit in json.loads(dvc("exp", "show", "--json")):
         for experiment in commit.get("experiments") or []:
-            data = experiment["revs"][0]["data"]
-            c = data["params"]["params.yaml"]["data"]["svm"]["rbf"]["C"]
-            runs[c] = data["metrics"]["metrics/train/svm-rbf.json"]["data"]
+            rev = experiment["revs"][0]
+            c = rev["data"]["params"]["params.yaml"]["data"]["svm"]["rbf"]["C"]
+            # the run record is a plain output: read it from the experiment's commit
+            record = subprocess.run(["git", "show", f"{rev['rev']}:metrics/train/svm-rbf.json"],
+                                    cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+            runs[c] = json.loads(record)
     assert set(runs) == {1, 10}
     assert all(0 <= m["test_accuracy"] <= 1 and m["train_size"] == 100 for m in runs.values())
