@@ -401,6 +401,8 @@ def test_grid_search_with_the_dvc_queue(tmp_path, monkeypatch):
     import subprocess
     import time
 
+    import yaml
+
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     dvc_repo_with_the_train_svm_stage(tmp_path)
 
@@ -428,9 +430,11 @@ def test_grid_search_with_the_dvc_queue(tmp_path, monkeypatch):
         for experiment in commit.get("experiments") or []:
             rev = experiment["revs"][0]
             c = rev["data"]["params"]["params.yaml"]["data"]["svm"]["rbf"]["C"]
-            # the run record is a plain output: read it from the experiment's commit
-            record = subprocess.run(["git", "show", f"{rev['rev']}:metrics/train/svm-rbf.json"],
-                                    cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-            runs[c] = json.loads(record)
+            # the run record is a cached output: its hash is in the experiment's dvc.lock
+            lock = subprocess.run(["git", "show", f"{rev['rev']}:dvc.lock"], cwd=tmp_path,
+                                  capture_output=True, text=True, check=True).stdout
+            outs = yaml.safe_load(lock)["stages"]["train_svm@rbf"]["outs"]
+            md5 = next(o["md5"] for o in outs if o["path"] == "metrics/train/svm-rbf.json")
+            runs[c] = json.loads((tmp_path / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
     assert set(runs) == {1, 10}
     assert all(0 <= m["test_accuracy"] <= 1 and m["train_size"] == 100 for m in runs.values())
