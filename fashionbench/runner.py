@@ -115,7 +115,8 @@ def train(row: str = typer.Argument(..., help="a deep row of params.yaml: cnn, w
         recipe = params.recipe(row)
         data = load_prepared(root / "data/prepared")
         resumed = completed_epochs(row, params, data, seed)
-        curves = Curves(root / "plots/train" / f"{row}-seed{seed}")
+        model_file, record, curve_dir = (root / rel for rel in outputs(row, seed))
+        curves = Curves(curve_dir)
         check = _budget(minutes, epochs, recipe.checkpoint_every, resumed)
 
         def on_epoch(metrics: dict) -> None:
@@ -124,8 +125,7 @@ def train(row: str = typer.Argument(..., help="a deep row of params.yaml: cnn, w
                 check(metrics)
 
         try:
-            summary = train_and_save(row, params, data, seed, root / "models" / row / f"seed{seed}",
-                                     root / "metrics/train" / f"{row}-seed{seed}.json",
+            summary = train_and_save(row, params, data, seed, model_file.parent, record,
                                      on_epoch=on_epoch, progress=False)
         except PieceDone as done:
             typer.echo(f"{row}-seed{seed}: stopped after epoch {done.args[0]} of {recipe.epochs} "
