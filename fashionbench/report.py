@@ -40,9 +40,10 @@ SEED_REPORTED = {
 
 # How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
 # development CPU (AMD EPYC, fp32; ResNet-7 measured, the WRNs from their ~1 GMAC per image
-# forward) and on the seed report's GPU (its 15 s/epoch for SE-WRN-40-4; None: not known);
-# the rbf_scaled fit was timed at 54 min on one core.
-NOT_RUN_EPOCH_S = {"resnet7": (480, None), "wrn": (1020, 15), "se_wrn": (1100, 15)}
+# forward) and on one H100 (this engine's defaults, bench/results-gpu-h100.md: WRN-40-4 at
+# batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s; None: not measured); the rbf_scaled fit was
+# timed at 54 min on one core.
+NOT_RUN_EPOCH_S = {"resnet7": (480, None), "wrn": (1020, 10.4), "se_wrn": (1100, 9.1)}
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 
@@ -182,7 +183,7 @@ def _not_run(row: str, missing: list[str], plan: Plan) -> dict:
         epochs = plan.epochs[row]
         estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU with both cores"
         if gpu_s is not None:
-            estimate += f", ~{epochs * gpu_s / 3600:.1f} h on the seed's GPU"
+            estimate += f", ~{epochs * gpu_s / 3600:.1f} h on one H100"
     return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate}
 
 

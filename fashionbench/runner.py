@@ -3,6 +3,7 @@
     python -m fashionbench.runner train wrn --seed 0 --minutes 9      # repeat until it says done
     python -m fashionbench.runner train wrn --minutes 9 --out /tmp/out --split-mib 15
     python -m fashionbench.runner place /tmp/out                     # back in the DVC workspace
+    python -m fashionbench.runner time se_wrn --minutes 5            # epochs that fit in 5 minutes
 
 `train` writes exactly what the train stage writes (models/<row>/seed<N>/model.pt,
 metrics/train/<row>-seed<N>.json and the curves under plots/train/<row>-seed<N>/, in
@@ -12,16 +13,22 @@ another `checkpoint_every` epochs would overrun `--minutes`; the next call resum
 the call that trains the last epoch writes the outputs. `--out` also copies them to a folder,
 split into parts of at most `--split-mib` MiB for a transfer with a size limit.
 
+`time` trains a few hundred steps of the row's recipe on this machine and prints its seconds
+per epoch and how many epochs fit in `--minutes`: the number to write into the row's
+`epochs` when a recipe is shortened to a budget (the table states it).
+
 `place` puts such a folder's files (parts joined) where the stage writes them; then
 `dvc commit train_<row>@<seed>` records them and `dvc status` is clean for that stage.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 from fashionbench.cli import user_errors
@@ -30,7 +37,9 @@ from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, write_json, write_text
 from fashionbench.models import build_model
 from fashionbench.params import PARAMS_FILE, Params, load_params
-from fashionbench.train import _load_checkpoint, checkpoint_root, fingerprint, train_and_save
+from fashionbench.train import (_load_checkpoint, checkpoint_root, fingerprint, make_optimizer,
+                                make_runtime, make_scheduler, steps_per_epoch, to_device,
+                                train_and_save, train_one_epoch)
 from stages.train import CURVES
 
 NOT_DONE_EXIT = 3   # a piece ended before the last epoch: run the same command again
@@ -135,6 +144,42 @@ def train(row: str = typer.Argument(..., help="a deep row of params.yaml: cnn, w
             export(root, outputs(row, seed), out, int(split_mib * 2**20))
     typer.echo(f"{row}-seed{seed}: done, {recipe.epochs} epochs, train accuracy "
                f"{summary['train_acc']:.4f}; place the outputs and `dvc commit train_{row}@{seed}`")
+
+
+def epoch_seconds(row: str, params: Params, data: Prepared, images: int) -> tuple[float, str]:
+    """Seconds one full epoch of `row` takes here, timed on `images` training images after a
+    warm-up of ten steps (allocation, kernel plans); and the device it ran on."""
+    recipe = params.recipe(row)
+    runtime = make_runtime(recipe)
+    model = build_model(recipe.model, recipe.arch).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = to_device(data.train, runtime.device)
+    optimizer = make_optimizer(model, recipe, runtime.device)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(len(y), recipe.batch_size))
+    gen = torch.Generator(device=runtime.device).manual_seed(0)
+    args = dict(mean=data.mean, std=data.std, runtime=runtime)
+    train_one_epoch(model, optimizer, scheduler, x, y, recipe, gen, epoch_images=10 * recipe.batch_size, **args)
+    timed = train_one_epoch(model, optimizer, scheduler, x, y, recipe, gen, epoch_images=images, **args)
+    return len(y) / timed["images_per_s"], runtime.describe()
+
+
+@app.command("time")
+def time_row(row: str = typer.Argument(..., help="a deep row of params.yaml"),
+             minutes: float = typer.Option(0.0, help="a training budget: print the epochs that fit"),
+             images: int = typer.Option(8192, help="training images timed"),
+             as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+             root: Path = typer.Option(Path("."), help="the repository root (params.yaml, data/)")) -> None:
+    """Time one epoch of a row's recipe here; with --minutes, the epochs that fit."""
+    with user_errors():
+        params = load_params(root / PARAMS_FILE)
+        seconds, device = epoch_seconds(row, params, load_prepared(root / "data/prepared"), images)
+    fit = int(minutes * 60 // seconds)
+    if as_json:
+        typer.echo(json.dumps({"row": row, "s_per_epoch": seconds, "epochs_fit": fit, "device": device}))
+        return
+    typer.echo(f"{row}: {seconds:.2f} s per epoch on {device}"
+               + (f"; {fit} epochs fit in {minutes:g} minutes" if minutes else ""))
 
 
 def _files(root: Path, paths: list[Path]) -> list[Path]:

@@ -1,6 +1,8 @@
 """The runner: a run trained in pieces equals one trained at once, its outputs are the train
 stage's, and they travel split and come back joined."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,16 @@ def test_split_transfer_and_place(make_root, tmp_path):
 def test_place_refuses_a_missing_folder(tmp_path):
     result = invoke(runner.place, [tmp_path / "nowhere"])
     assert result.exit_code == 2 and "nowhere" in result.output
+
+
+def test_time_measures_an_epoch_and_the_epochs_that_fit(make_root):
+    root = make_root("timing")
+    result = invoke(runner.time_row, ["mlp", "--root", root, "--minutes", "1", "--images", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    timing = json.loads(result.output)
+    assert timing["row"] == "mlp" and timing["device"] == "cpu" and timing["s_per_epoch"] > 0
+    assert timing["epochs_fit"] == int(60 // timing["s_per_epoch"])
+    assert not (root / "models").exists()  # a measurement trains nothing it keeps
+
+    result = invoke(runner.time_row, ["mpl", "--root", root])
+    assert result.exit_code == 2 and "mpl" in result.output and "Traceback" not in result.output
