@@ -224,6 +224,7 @@ class TrainRecipe:
     precision: Literal["auto", "bf16", "fp32"]
     channels_last: bool
     compile: bool
+    sync_bn: bool
     eval_batch_size: int
 
     def __post_init__(self) -> None:

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from fashionbench.augment import augment_batch, mix_batch, normalise
 from fashionbench.data import Prepared, Split
+from fashionbench.distributed import Group
 from fashionbench.errors import UserError
-from fashionbench import machine
+from fashionbench import distributed, machine
 from fashionbench.io import atomic_path, write_json
 from fashionbench.models import build_model, count_parameters, save_trained
 from fashionbench.models.registry import spec
@@ -72,13 +73,14 @@ class Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda, then mps, then cpu; an explicit device that is absent is a UserError."""
+    """auto -> cuda, then mps, then cpu; an explicit device that is absent is a UserError.
+    CUDA means one GPU: LOCAL_RANK's under torchrun, else the first one free (distributed.claim_gpu)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device(next(kind for kind, ok in available.items() if ok))
+        name = next(kind for kind, ok in available.items() if ok)
     if not available.get(name, False):
         raise UserError(f"device {name!r} is not available on this machine: set device: auto or cpu")
-    return torch.device(name)
+    return torch.device("cuda", distributed.claim_gpu()) if name == "cuda" else torch.device(name)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -177,9 +179,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, images: Tensor, labels: Tensor,
                     recipe: TrainRecipe, gen: torch.Generator, *, mean: float, std: float,
                     runtime: Runtime, ema: EMA | None = None, epoch: int = 1,
-                    epoch_images: int = 0, progress: tqdm | None = None) -> dict:
+                    epoch_images: int = 0, progress: tqdm | None = None, group: Group = Group()) -> dict:
     """One pass over a seeded permutation of (images uint8 (N,1,H,W), labels) on the device,
     or over its first `epoch_images` images when that is set (the quick run).
+
+    With several processes (`group`), every process augments the same global batch and
+    trains on its slice of it; the returned figures are over all processes.
 
     Returns train_loss, train_acc (against the unmixed labels), lr (at the end), images,
     epoch_time_s and images_per_s. Raises DivergedError on a non-finite loss.
@@ -199,6 +204,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         x = augment_batch(images[idx], recipe.augment, gen, mean, std)
         y = labels[idx]
         x, target = mix_batch(x, y, recipe.augment, gen)
+        x, y, target = group.shard(x), group.shard(y), group.shard(target)
         with runtime.autocast():
             logits = model(runtime.prepare_input(x))
         loss = F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing)
@@ -211,11 +217,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if ema is not None:
             ema.update()
         loss = loss.detach()
-        loss_sum += loss * len(idx)
+        loss_sum += loss * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if progress is not None:
             progress.update(len(idx))
+    group.sum(loss_sum), group.sum(correct), group.max(first_bad)
     bad = int(first_bad)  # the epoch's one host sync
     seconds = time.perf_counter() - start
     if bad >= 0:
@@ -388,7 +395,8 @@ class FitResult:
 def _code_digest(model: nn.Module) -> str:
     """Hash of the sources that determine this run's result (the train stage's code deps)."""
     root = Path(__file__).parent
-    files = [Path(__file__), root / "augment.py", root / "seeding.py", root / "models" / "__init__.py",
+    files = [Path(__file__), root / "augment.py", root / "seeding.py", root / "distributed.py",
+             root / "params.py", root / "data.py", root / "models" / "__init__.py",
              Path(inspect.getfile(type(model)))]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
@@ -419,10 +427,12 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     epoch 0. `on_epoch` receives each epoch's metrics, resumed epochs first.
     """
     runtime = make_runtime(recipe)
+    group = distributed.start(runtime.device, recipe.batch_size)
     gen = seed_everything(seed, runtime.device)
     model = build_model(model_name, arch).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model, forward = distributed.wrap(model, runtime.device, group, recipe.sync_bn)
     train_x, train_y = to_device(train, runtime.device)
     val_xy = to_device(val, runtime.device) if val is not None and len(val) else None
     steps = steps_per_epoch(min(len(train), epoch_images or len(train)), recipe.batch_size)
@@ -433,7 +443,7 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     if checkpoint_dir is not None:
         run_dir = checkpoint_dir / fingerprint(model, model_name, arch, recipe, seed, train, val,
                                                mean, std, epoch_images)[:16]
-    with run_lock(run_dir) if run_dir is not None else contextlib.nullcontext():
+    with run_lock(run_dir) if run_dir is not None and group.is_main else contextlib.nullcontext():
         checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
         history: list[dict] = []
         saved = _load_checkpoint(checkpoint, runtime.device) if checkpoint is not None else None
@@ -446,28 +456,32 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
             set_rng_state({k: _cpu(v) for k, v in saved["rng"].items()}, gen)
             history = saved["history"]
             log.warning("resuming from %s at epoch %d of %d", checkpoint, len(history), recipe.epochs)
+        on_epoch = on_epoch if group.is_main else None  # one process writes curves and logs
         for metrics in history:
             if on_epoch is not None:
                 on_epoch(metrics)
-        _train_epochs(model, optimizer, scheduler, ema, history, recipe, runtime, gen, train_x, train_y,
-                      val_xy, mean=mean, std=std, steps=steps, epoch_images=epoch_images,
-                      checkpoint=checkpoint, on_epoch=on_epoch, progress=progress)
+        _train_epochs(model, forward, optimizer, scheduler, ema, history, recipe, runtime, gen,
+                      train_x, train_y, val_xy, mean=mean, std=std, steps=steps,
+                      epoch_images=epoch_images, checkpoint=checkpoint if group.is_main else None,
+                      on_epoch=on_epoch, progress=progress and group.is_main, group=group)
         final = ema.model if ema is not None else model
         bn = _precise_bn(final, train_x, train_y, recipe, runtime, gen, mean, std)
-        if run_dir is not None:  # finished: a forced re-run starts from epoch 0
+        if run_dir is not None and group.is_main:  # finished: a forced re-run starts from epoch 0
             checkpoint.unlink(missing_ok=True)
             (run_dir / "lock").unlink(missing_ok=True)
     return FitResult(final.eval(), history, runtime.describe(), bn)
 
 
-def _train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
+def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None,
                   history: list[dict], recipe: TrainRecipe, runtime: Runtime, gen: torch.Generator,
                   train_x: Tensor, train_y: Tensor, val_xy: tuple[Tensor, Tensor] | None, *,
                   mean: float, std: float, steps: int, epoch_images: int, checkpoint: Path | None,
-                  on_epoch: EpochCallback | None, progress: bool) -> None:
-    """The epochs not in `history` yet, appended to it, with checkpoints and progress."""
-    forward = torch.compile(model) if recipe.compile else model
+                  on_epoch: EpochCallback | None, progress: bool, group: Group) -> None:
+    """The epochs not in `history` yet, appended to it, with checkpoints and progress.
+    `forward` is `model` or its DDP wrapper; an exception from `on_epoch` (rank 0's) stops
+    every process alike."""
+    forward = torch.compile(forward) if recipe.compile else forward
     final = ema.model if ema is not None else model
     per_epoch = steps * min(recipe.batch_size, len(train_y))
     with tqdm(total=recipe.epochs * per_epoch, initial=len(history) * per_epoch, unit="img",
@@ -476,7 +490,8 @@ def _train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
             start = time.perf_counter()
             metrics = {"epoch": epoch, **train_one_epoch(
                 forward, optimizer, scheduler, train_x, train_y, recipe, gen, mean=mean, std=std,
-                runtime=runtime, ema=ema, epoch=epoch, epoch_images=epoch_images, progress=bar)}
+                runtime=runtime, ema=ema, epoch=epoch, epoch_images=epoch_images, progress=bar,
+                group=group)}
             if val_xy is not None:
                 scores = evaluate(final, *val_xy, mean=mean, std=std,
                                   batch_size=recipe.eval_batch_size, runtime=runtime)
@@ -490,8 +505,15 @@ def _train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
                     "ema": ema.model.state_dict() if ema is not None else None,
                     "rng": rng_state(gen), "history": history})
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k.endswith(("loss", "acc"))})
+            stop = None
             if on_epoch is not None:
-                on_epoch(metrics)
+                try:
+                    on_epoch(metrics)
+                except Exception as err:  # e.g. the runner's time budget: every process stops
+                    stop = err
+            stop = group.from_main(stop)
+            if stop is not None:
+                raise stop
 
 
 def _precise_bn(model: nn.Module, train_x: Tensor, train_y: Tensor, recipe: TrainRecipe,
@@ -541,13 +563,15 @@ def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir:
                    progress: bool = True) -> dict:
     """Train deep row `row` (cnn, resnet7, mlp, wrn, se_wrn, ...) for one seed.
 
-    Writes run_dir/model.pt and the metrics JSON, and returns the metrics. Only the train
-    and validation splits are used.
+    Writes run_dir/model.pt and the metrics JSON, and returns the metrics (under torchrun:
+    rank 0 only; the other processes return {}). Only the train and validation splits are used.
     """
     recipe, epoch_images = params.recipe(row), params.epoch_images(row)
     result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
                  std=data.std, seed=seed, checkpoint_dir=checkpoint_root(), epoch_images=epoch_images,
                  on_epoch=on_epoch, progress=progress)
+    if not distributed.is_main():
+        return {}  # rank 0 writes the run's outputs
     save_trained(run_dir / "model.pt", result.model, recipe.model, recipe.arch, mean=data.mean,
                  std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip)
     last = result.history[-1]

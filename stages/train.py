@@ -1,6 +1,7 @@
 """Stage train_<model>: train one deep model for one seed.
 
-    python -m stages.train cnn --seed 0      # row: a deep section of params.yaml
+    python -m stages.train cnn --seed 0                          # row: a deep section of params.yaml
+    torchrun --nproc_per_node 2 -m stages.train wrn --seed 0   # data-parallel, then `dvc commit`
 
 Writes models/<row>/seed<N>/model.pt, metrics/train/<row>-seed<N>.json and DVCLive curves
 under plots/train/<row>-seed<N>/. An interrupted run resumes from its checkpoint (kept
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from fashionbench import distributed
 from fashionbench.cli import stop_with_dvc, user_errors
 from fashionbench.data import load_prepared
 from fashionbench.params import PARAMS_FILE, load_params
@@ -35,6 +37,10 @@ def main(model: str = typer.Argument(..., help="a deep row of params.yaml: cnn, 
         config = load_params(params)
         config.recipe(model)  # an unknown model fails before anything is written
         data = load_prepared(prepared)
+        if not distributed.is_main():  # torchrun: rank 0 writes the outputs and curves
+            train_and_save(model, config, data, seed, models / model / f"seed{seed}",
+                           metrics / f"{run_id}.json", progress=False)
+            return
         with Live(str(plots / run_id), dvcyaml=False, save_dvc_exp=False) as live:
             def log_epoch(epoch_metrics: dict) -> None:
                 for key, name in CURVES.items():

@@ -2,6 +2,8 @@
 stage's, and they travel split and come back joined."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from fashionbench import runner
 from fashionbench.data import Split, save_prepared
-from tests.conftest import invoke, with_train_stats
+from tests.conftest import REPO, invoke, with_train_stats
 
 EPOCHS = 3
 
@@ -109,3 +111,44 @@ def test_time_measures_an_epoch_and_the_epochs_that_fit(make_root):
 
     result = invoke(runner.time_row, ["mpl", "--root", root])
     assert result.exit_code == 2 and "mpl" in result.output and "Traceback" not in result.output
+
+
+def torchrun(root, *args):
+    """The runner under torchrun: 2 CPU processes (gloo), as `torchrun --nproc_per_node 2`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fashionbench.runner", "train", "mlp", "--root", str(root), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def batch(root, size):
+    path = root / "params.yaml"
+    path.write_text(path.read_text().replace("batch_size: 128", f"batch_size: {size}", 1))
+
+
+def test_ddp_two_processes_follow_one_with_the_same_global_batch_and_resume(make_root, tmp_path, monkeypatch):
+    single = make_root("single")
+    batch(single, 40)  # 5 steps per epoch
+    assert train(single).exit_code == 0
+
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "ddp-checkpoints"))
+    ddp = make_root("ddp")
+    batch(ddp, 40)
+    piece = torchrun(ddp, "--epochs", "1")  # every process stops at rank 0's budget
+    assert piece.returncode != 0 and "stopped after epoch 1 of 3" in piece.stdout, piece.stderr[-2000:]
+    assert not (ddp / "models/mlp/seed0/model.pt").exists()
+    whole = torchrun(ddp)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert whole.stdout.count("done, 3 epochs") == 1  # only rank 0 reports and writes
+    for key, tensor in state(single).items():
+        torch.testing.assert_close(state(ddp)[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    record = json.loads((ddp / "metrics/train/mlp-seed0.json").read_text())
+    assert record["train_images_per_s"] > 0 and record["epochs"] == EPOCHS
+    tsv = "plots/train/mlp-seed0/plots/metrics/train/loss.tsv"
+    assert len((ddp / tsv).read_text().splitlines()) == EPOCHS + 1
+
+
+def test_ddp_refuses_a_batch_that_does_not_split(make_root):
+    root = make_root("odd")
+    batch(root, 25)
+    result = torchrun(root)
+    assert result.returncode != 0 and "batch_size 25 does not split over 2 processes" in result.stdout + result.stderr
