@@ -116,11 +116,6 @@ def wrap(model: nn.Module, device: torch.device, group: Group, sync_bn: bool) ->
     return model, DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------- one GPU per training process
 
 _held: dict[str, IO] = {}  # GPU id -> its open, locked file, for the life of the process

@@ -138,10 +138,9 @@ def train(row: str = typer.Argument(..., help="a deep row of params.yaml: cnn, w
             summary = train_and_save(row, params, data, seed, model_file.parent, record,
                                      on_epoch=on_epoch, progress=False)
         except PieceDone as done:
-            if not distributed.is_main():
-                raise typer.Exit(NOT_DONE_EXIT) from None
-            typer.echo(f"{row}-seed{seed}: stopped after epoch {done.args[0]} of {recipe.epochs} "
-                       f"(checkpoint saved); run the same command again to resume")
+            if distributed.is_main():
+                typer.echo(f"{row}-seed{seed}: stopped after epoch {done.args[0]} of {recipe.epochs} "
+                           f"(checkpoint saved); run the same command again to resume")
             raise typer.Exit(NOT_DONE_EXIT) from None
         if not distributed.is_main():
             return  # under torchrun rank 0 writes, exports and reports

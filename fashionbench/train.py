@@ -222,7 +222,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if progress is not None:
             progress.update(len(idx))
-    group.sum(loss_sum), group.sum(correct), group.max(first_bad)
+    group.sum(loss_sum)  # in place: totals over every process
+    group.sum(correct)
+    group.max(first_bad)
     bad = int(first_bad)  # the epoch's one host sync
     seconds = time.perf_counter() - start
     if bad >= 0:
