@@ -216,15 +216,16 @@ def _fraction(value: float, ceiling: float | None) -> str:
     return f"{value / ceiling:.0%}" if ceiling else "-"
 
 
-def _table(title: str, rows: list[tuple[str, dict, dict | None]], bare: dict[str, float],
-           peak: float | None) -> None:
+def _table(title: str, rows, bare: dict[str, float], peak: float | None) -> None:
+    """Print each (label, result, base) row as soon as it is timed, so a run cut short keeps
+    the rows it finished."""
     print(f"\n{title}\n")
     print("| model | loop / switch | images/s | s per epoch | ratio | of bare step | GFLOP/s "
           "| of matmul peak | peak RSS MiB | peak device MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for label, result, base in rows:
         if "error" in result:
-            print(f"| {label} | failed: {result['error']} | | | | | | | |")
+            print(f"| {label} | failed: {result['error']} | | | | | | | |", flush=True)
             continue
         ratio = result["images_per_s"] / base["images_per_s"] if base and "error" not in base else 1.0
         model = label.split(" |")[0]
@@ -232,7 +233,15 @@ def _table(title: str, rows: list[tuple[str, dict, dict | None]], bare: dict[str
               f"| {ratio:.2f} "
               f"| {_fraction(result['images_per_s'], bare.get(model))} | {result['gflop_per_s']:.1f} "
               f"| {_fraction(result['gflop_per_s'], peak)} | {result['peak_rss_mib']:.0f} "
-              f"| {result['peak_device_mib']:.0f} |")
+              f"| {result['peak_device_mib']:.0f} |", flush=True)
+
+
+def _peak(common: dict) -> float | None:
+    """The best dense matmul rate (GFLOP/s), printed."""
+    matmul = _spawn({**common, "kind": "matmul"})
+    rates = matmul.get("gflop_per_s", {})
+    print("\n" + ", ".join(f"matmul {dtype}: {rate:.1f} GFLOP/s" for dtype, rate in rates.items()), flush=True)
+    return max(rates.values()) if rates else None
 
 
 def _ceiling(common: dict) -> tuple[dict[str, float], float | None]:
@@ -259,8 +268,42 @@ def _ceiling(common: dict) -> tuple[dict[str, float], float | None]:
     return bare, max(rates.values()) if rates else None
 
 
+def _versus_rows(common: dict, models: tuple[str, ...], first: dict):
+    for model in models:
+        reference = _spawn({**common, "model": model, "loop": "reference", "batch": 128})
+        yield f"{model} | reference (seed-style)", reference, reference
+        engine = first if model == "cnn" else _spawn(
+            {**common, "model": model, "loop": "engine", "batch": 128, "precision": "default"})
+        yield f"{model} | engine (defaults)", engine, reference
+
+
+def _switches(cuda: bool) -> list[tuple[str, dict]]:
+    """Each switch alone from the plain fp32 engine; on CUDA also all of them together."""
+    switches = [("fp32, batch 128", {}), ("batch 256", {"batch": 256}), ("batch 512", {"batch": 512}),
+                ("channels_last", {"channels_last": True}), ("bf16 autocast", {"precision": "bf16"}),
+                ("torch.compile", {"compile": "default"})]
+    if not cuda:
+        return switches + [("1 thread", {"threads": 1})]
+    return switches + [
+        ("CUDA graphs (compile reduce-overhead)", {"compile": "reduce-overhead"}),
+        ("bf16 + channels_last + batch 512 + CUDA graphs",
+         {"precision": "bf16", "channels_last": True, "batch": 512, "compile": "reduce-overhead"})]
+
+
+def _switch_rows(common: dict, models: tuple[str, ...], cuda: bool):
+    for model in models:
+        base = None
+        for label, change in _switches(cuda):
+            result = _spawn({**common, "model": model, "loop": "engine", "batch": 128,
+                             "precision": "fp32", **change})
+            base = base or result
+            yield f"{model} | {label}", result, base
+
+
 def main(images: int = typer.Option(512, help="timed training images per WRN row (x8 for the CNN)"),
          params: Path = typer.Option(Path("params.yaml"), help="recipes and architectures"),
+         only_switches: bool = typer.Option(False, "--only-switches",
+                                            help="the matmul rate and the switch table only"),
          row: str = typer.Option("", help="internal: time one JSON-described row and print it")) -> None:
     """Print the engine-vs-reference table and the speed-switch table."""
     if row:
@@ -270,35 +313,19 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
         return
     common = {"params": str(params), "images": images}
     first = _spawn({**common, "model": "cnn", "loop": "engine", "batch": 128, "precision": "default"})
+    cuda = str(first.get("device", "")).startswith("cuda")
     print(f"device: {first.get('device')}, host: {platform.processor() or platform.machine()}, "
           f"{first.get('threads')} threads; {images} timed images per WRN row, {8 * images} per CNN row")
-    bare, peak = _ceiling(common)
-    models = CUDA_MODELS if str(first.get("device", "")).startswith("cuda") else MODELS
-    versus = []
-    for model in models:
-        reference = _spawn({**common, "model": model, "loop": "reference", "batch": 128})
-        engine = first if model == "cnn" else _spawn(
-            {**common, "model": model, "loop": "engine", "batch": 128, "precision": "default"})
-        versus += [(f"{model} | reference (seed-style)", reference, reference),
-                   (f"{model} | engine (defaults)", engine, reference)]
-    _table("Engine vs the seed-style reference loop (ratio: against the reference; same model, device, batch 128)",
-           versus, bare, peak)
-
-    switches = [("fp32, batch 128", {}), ("batch 256", {"batch": 256}), ("batch 512", {"batch": 512}),
-                ("channels_last", {"channels_last": True}), ("bf16 autocast", {"precision": "bf16"}),
-                ("torch.compile", {"compile": "default"}), ("1 thread", {"threads": 1})]
-    if str(first.get("device", "")).startswith("cuda"):
-        switches.append(("CUDA graphs (compile reduce-overhead)", {"compile": "reduce-overhead"}))
-    rows = []
-    for model in MODELS:
-        base = None
-        for label, change in switches:
-            result = _spawn({**common, "model": model, "loop": "engine", "batch": 128,
-                             "precision": "fp32", **change})
-            base = base or result
-            rows.append((f"{model} | {label}", result, base))
+    models = CUDA_MODELS if cuda else MODELS
+    if only_switches:
+        bare, peak = {}, _peak(common)
+    else:
+        bare, peak = _ceiling(common)
+        _table("Engine vs the seed-style reference loop (ratio: against the reference; same model, "
+               "device, batch 128)", _versus_rows(common, models, first), bare, peak)
+    # the full-recipe WRN first on a GPU: its seconds per epoch are the number that matters there
     _table("Each speed switch alone (ratio: against the fp32, batch 128 engine row of the same model)",
-           rows, bare, peak)
+           _switch_rows(common, models[::-1] if cuda else models, cuda), bare, peak)
 
 
 if __name__ == "__main__":

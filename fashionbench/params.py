@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from ruamel.yaml import YAML, YAMLError
 
@@ -209,11 +209,13 @@ class TrainRecipe:
     lr: float
     weight_decay: float
     momentum: float
-    schedule: Literal["onecycle", "cosine", "constant"]
+    schedule: Literal["onecycle", "cosine", "constant", "step"]
     pct_start: float
     div_factor: float
     final_div_factor: float
     warmup_epochs: float
+    step_epochs: float
+    step_gamma: float
     label_smoothing: float
     grad_clip: float
     ema: float
@@ -223,7 +225,7 @@ class TrainRecipe:
     device: Literal["auto", "cuda", "mps", "cpu"]
     precision: Literal["auto", "bf16", "fp32"]
     channels_last: bool
-    compile: bool
+    compile: Literal["none", "default", "reduce-overhead"]
     sync_bn: bool
     eval_batch_size: int
 
@@ -247,6 +249,8 @@ class TrainRecipe:
                  "div_factor and final_div_factor must be >= 1")
         _require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                  "must be >= 0 and fewer than epochs")
+        _require(self.step_epochs > 0, "step_epochs", "must be > 0 epochs")
+        _require(0 < self.step_gamma <= 1, "step_gamma", "must be in (0, 1]")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0 = off)")
@@ -333,7 +337,7 @@ TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "download", "stats", "prep
 @dataclass(frozen=True)
 class Params:
     seed: int
-    seeds: tuple[int, ...]
+    seeds: dict[str, tuple[int, ...]]  # each deep row's training seeds
     quick: bool
     quick_scale: QuickScale
     download: Download
@@ -345,8 +349,7 @@ class Params:
     compare: Compare
 
     def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0, "seeds", "list at least one training seed")
-        _require(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        check_seeds(self.seeds, self.recipes)
         _require(len(self.svm) > 0, "svm", "define at least one SVM recipe")
         for name in self.compare.ensemble:
             _require(name in self.recipes, "compare.ensemble",
@@ -480,11 +483,34 @@ def _check_keys(section: Mapping[str, Any], cls: type, where: str) -> None:
             _check_keys(value, hints[key], f"{where}.{key}")
 
 
-def run_ids(svm: Iterable[str], deep: Iterable[str], seeds: Iterable[int]) -> list[tuple[str, str, int | None]]:
+def check_seeds(seeds: Mapping[str, Sequence[int]], deep: Iterable[str]) -> None:
+    """`seeds` lists distinct training seeds for every deep row and for nothing else."""
+    deep = list(deep)
+    for row in deep:
+        _require(row in seeds, f"seeds.{row}", f"missing: list the seeds deep row {row} trains with, "
+                 f"e.g. `{row}: [0]` under `seeds:`")
+    for row, row_seeds in seeds.items():
+        _require(row in deep, f"seeds.{row}", "not a deep row" + _did_you_mean(row, deep)
+                 + f"; deep rows: {', '.join(deep)}")
+        _require(len(row_seeds) > 0, f"seeds.{row}", "list at least one training seed")
+        _require(len(set(row_seeds)) == len(row_seeds), f"seeds.{row}", "seeds must be distinct")
+
+
+def run_ids(svm: Iterable[str], deep: Iterable[str],
+            seeds: Mapping[str, Iterable[int]]) -> list[tuple[str, str, int | None]]:
     """(run id, row, seed) of every run: "svm-<recipe>" once per SVM recipe (row "svm-<recipe>",
-    no seed), "<row>-seed<N>" per deep row and seed. The one home of the run-id format."""
+    no seed), "<row>-seed<N>" per deep row and each of its seeds. The one home of the run-id
+    format."""
     return ([(f"svm-{k}", f"svm-{k}", None) for k in svm]
-            + [(f"{row}-seed{seed}", row, seed) for row in deep for seed in seeds])
+            + [(f"{row}-seed{seed}", row, seed) for row in deep for seed in seeds[row]])
+
+
+def evaluate_stage(run_id: str) -> str:
+    """The dvc.yaml stage that evaluates run `run_id`: evaluate_svm@rbf, evaluate_cnn@cnn-0."""
+    if run_id.startswith("svm-"):
+        return f"evaluate_svm@{run_id[4:]}"
+    row, _, seed = run_id.rpartition("-seed")
+    return f"evaluate_{row}@{row}-{seed}"
 
 
 @dataclass(frozen=True)
@@ -493,7 +519,7 @@ class Plan:
     compare stage and the CI gate need. check_params has validated the file."""
 
     quick: bool
-    seeds: tuple[int, ...]
+    seeds: dict[str, tuple[int, ...]]  # each deep row's training seeds
     svm: tuple[str, ...]              # SVM recipe names
     deep: tuple[str, ...]             # deep rows, in params.yaml order
     epochs: dict[str, int]            # each deep row's recipe epochs
@@ -523,7 +549,9 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     deep = deep_rows(raw)
     defaults = raw.get("train_defaults") or {}
     compare = _build(Compare, raw.get("compare"), "compare")
-    return Plan(bool(raw.get("quick")), tuple(raw.get("seeds") or ()), tuple(raw.get("svm") or ()),
+    seeds = raw.get("seeds") or {}
+    seeds = {str(row): tuple(values) for row, values in seeds.items()} if isinstance(seeds, Mapping) else {}
+    return Plan(bool(raw.get("quick")), seeds, tuple(raw.get("svm") or ()),
                 tuple(deep), {k: int(raw[k].get("epochs", defaults.get("epochs", 0))) for k in deep},
                 compare.ensemble, compare.tolerance)
 

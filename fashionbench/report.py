@@ -21,7 +21,7 @@ import pandas as pd
 from fashionbench.dataset import CLASS_NAMES
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
-from fashionbench.params import Plan
+from fashionbench.params import Plan, evaluate_stage
 from fashionbench.scores import class_accuracy, classification_metrics
 
 ENSEMBLE = "ensemble"
@@ -35,15 +35,19 @@ FIGURES = ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy",
 SEED_REPORTED = {
     "svm-rbf": "0.8999", "svm-rbf_scaled": "0.8999 (claimed)", "svm-hog_seed": "0.8940",
     "svm-hog": "0.8940 (seed's HOG row)", "cnn": "0.9320", "resnet7": "0.9300",
-    "mlp": "0.851 (2nd report)", "wrn": "0.9573 (WRN-40-4)", "se_wrn": "0.9602 (SE-WRN-40-4)",
+    "resnet9": "- (CIFAR-10 lab)", "resnet18": "0.950 (2nd report)", "resnet34": "0.949 (2nd report)",
+    "mlp": "0.851 (2nd report)", "mlp512": "~0.896 val (NumPy report)", "wrn": "0.9573 (WRN-40-4)",
+    "wrn28": "0.9558 (WRN-28-2)", "se_wrn": "0.9602 (SE-WRN-40-4)",
 }
 
 # How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
-# development CPU (AMD EPYC, fp32; ResNet-7 measured, the WRNs from their ~1 GMAC per image
-# forward) and on one H100 (this engine's defaults, bench/results-gpu-h100.md: WRN-40-4 at
-# batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s; None: not measured); the rbf_scaled fit was
-# timed at 54 min on one core.
-NOT_RUN_EPOCH_S = {"resnet7": (480, None), "wrn": (1020, 10.4), "se_wrn": (1100, 9.1)}
+# development CPU (AMD EPYC, fp32, both cores; `python -m fashionbench.runner time <row>
+# --images 1024`, ResNet-7's from its 8-epoch run) and on one H100 (this engine's defaults,
+# bench/results-gpu-h100.md: WRN-40-4 at batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s; None:
+# not measured); the rbf_scaled fit was timed at 54 min on one core.
+NOT_RUN_EPOCH_S = {"resnet7": (480, None), "resnet9": (991, None), "resnet18": (1947, None),
+                   "resnet34": (3587, None), "wrn": (5096, 10.4), "wrn28": (1137, None),
+                   "se_wrn": (4027, 9.1)}
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 
@@ -73,7 +77,7 @@ def _load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
             return saved["labels"], saved["probs"]
     except Exception as err:  # truncated or foreign file
         raise UserError(f"{path} is unreadable ({type(err).__name__}): re-run its evaluate stage "
-                        f"(`dvc repro -f evaluate@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
+                        f"(`dvc repro -f evaluate_<row>@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
 
 
 def _recipe(row: str, train: dict) -> str:
@@ -175,8 +179,7 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
 
 def _not_run(row: str, missing: list[str], plan: Plan) -> dict:
     run_ids = [m for m in missing if plan.row_of(m) == row]
-    stages = " ".join(f"evaluate@{r.replace('-seed', '-')}" if not row.startswith("svm-")
-                      else f"evaluate_svm@{row[4:]}" for r in run_ids)
+    stages = " ".join(evaluate_stage(r) for r in run_ids)
     estimate = NOT_RUN_ESTIMATE.get(row, "time not measured")
     if row in NOT_RUN_EPOCH_S and row in plan.epochs:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]

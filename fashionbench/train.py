@@ -134,11 +134,11 @@ class EMA:
 
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (beta1 = momentum) or SGD with Nesterov momentum."""
+    """AdamW (beta1 = momentum) or SGD: Nesterov with momentum > 0, plain at momentum 0."""
     params = model.parameters()
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
-                               weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                               nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
                              weight_decay=recipe.weight_decay, fused=device.type == "cuda")
 
@@ -147,7 +147,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per batch. onecycle: torch's OneCycleLR with the recipe's knobs (momentum
     is held at the recipe's value, not cycled); cosine: linear warmup then cosine to 0;
-    constant: linear warmup then lr."""
+    constant: linear warmup then lr; step: linear warmup, then lr times step_gamma after every
+    step_epochs epochs."""
     total = recipe.epochs * steps_per_epoch
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -160,6 +161,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe,
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if recipe.schedule == "step":
+            return recipe.step_gamma ** int((step - warmup) / (recipe.step_epochs * steps_per_epoch))
         if not cosine:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -483,7 +486,9 @@ def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.O
     """The epochs not in `history` yet, appended to it, with checkpoints and progress.
     `forward` is `model` or its DDP wrapper; an exception from `on_epoch` (rank 0's) stops
     every process alike."""
-    forward = torch.compile(forward) if recipe.compile else forward
+    # reduce-overhead replays each step's kernels as CUDA graphs: at 28x28 a WRN step is
+    # bound by kernel launches, not arithmetic (bench/results-gpu-h200.md)
+    forward = torch.compile(forward, mode=recipe.compile) if recipe.compile != "none" else forward
     final = ema.model if ema is not None else model
     per_epoch = steps * min(recipe.batch_size, len(train_y))
     with tqdm(total=recipe.epochs * per_epoch, initial=len(history) * per_epoch, unit="img",
@@ -545,7 +550,9 @@ def _cpu(value: Any) -> Any:
 
 def describe_recipe(recipe: TrainRecipe, epoch_images: int = 0) -> str:
     """One line saying how a deep row was trained, for tables."""
-    words = [recipe.optimizer, recipe.schedule]
+    schedule = (f"step x{recipe.step_gamma:g} every {recipe.step_epochs:g} epochs"
+                if recipe.schedule == "step" else recipe.schedule)
+    words = [recipe.optimizer, schedule]
     if recipe.label_smoothing:
         words.append(f"LS {recipe.label_smoothing:g}")
     aug = recipe.augment

@@ -19,8 +19,9 @@ from tests.conftest import REPO, invoke
 LABELS = np.repeat(np.arange(10), 10)
 PNG = b"\x89PNG\r\n\x1a\n"
 
-PLAN = Plan(quick=True, seeds=(0, 1), svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
+PLAN = Plan(quick=True, seeds={"cnn": (0, 1), "mlp": (0, 1), "wrn": (0, 1)}, svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
             epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02)
+SEED_0 = {row: (0,) for row in PLAN.deep}
 
 
 def wrong_in(probs: np.ndarray) -> np.ndarray:
@@ -180,7 +181,7 @@ def test_leftover_files_of_a_seed_not_in_the_plan_are_ignored(tree):
     (tree / "metrics/eval/mlp-seed1.json").write_text("{not json")
     (tree / "predictions/cnn-seed1.npz").write_bytes(b"truncated")
     add_run(tree, "svm-old", probs_with_errors(0, 1), svm_train("old", 1.0))  # a removed recipe
-    table = report.compare(dataclasses.replace(PLAN, seeds=(0,)), tree)
+    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), tree)
     assert "svm-old" not in table
     cnn = table["cnn"]
     assert cnn["runs"] == 1 and cnn["seeds"] == [0] and cnn["accuracy_std"] == 0.0
@@ -194,8 +195,8 @@ def test_leftover_files_of_a_seed_not_in_the_plan_are_ignored(tree):
 def test_removing_rows_from_params_is_fine(tree, write_params):
     """A recipe deleted from params.yaml (its files still there) is simply not in the table."""
     def edit(p):
-        p["quick"], p["seeds"] = True, [0, 1]
-        del p["mlp"]
+        del p["mlp"], p["seeds"]["mlp"]
+        p["quick"], p["seeds"] = True, {row: [0, 1] for row in p["seeds"]}
         p["svm"] = {k: v for k, v in p["svm"].items() if k != "hog"}
     plan = load_plan(write_params(edit))
     assert "mlp" not in plan.deep and "svm-hog" not in plan.rows()
@@ -214,11 +215,11 @@ def test_a_row_never_run_shows_its_command(tree):
     assert list(table) == ["svm-rbf", "svm-hog_seed", "cnn", "mlp", "wrn"]  # one ensemble member left
     wrn = table["wrn"]
     assert wrn["not_run"] is True and wrn["runs"] == 0 and wrn["scale"] == "quick"
-    assert wrn["command"] == "dvc repro evaluate@wrn-0 evaluate@wrn-1"
+    assert wrn["command"] == "dvc repro evaluate_wrn@wrn-0 evaluate_wrn@wrn-1"
     assert "600 epochs" in wrn["estimate"]
     assert table["svm-hog_seed"]["command"] == "dvc repro evaluate_svm@hog_seed"
     line = line_of(table, "wrn")
-    assert "not run at quick scale" in line and "`dvc repro evaluate@wrn-0 evaluate@wrn-1`" in line
+    assert "not run at quick scale" in line and "`dvc repro evaluate_wrn@wrn-0 evaluate_wrn@wrn-1`" in line
     assert "| wrn " not in report.class_accuracy_table(table)
     markdown = (tree / "reports/results.md").read_text()
     assert "`dvc repro evaluate_svm@hog_seed`" in markdown
@@ -242,7 +243,7 @@ def test_a_run_of_the_other_scale_is_not_run(tree, plan_quick):
     if plan_quick:
         table = report.compare(plan, tree)
         assert table["mlp"]["not_run"] and table["mlp"]["scale"] == "quick"
-        assert table["mlp"]["command"] == "dvc repro evaluate@mlp-0 evaluate@mlp-1"
+        assert table["mlp"]["command"] == "dvc repro evaluate_mlp@mlp-0 evaluate_mlp@mlp-1"
         assert table["cnn"]["runs"] == 2
     else:  # now only mlp is of this scale
         table = report.compare(plan, tree)
@@ -282,13 +283,13 @@ def test_the_ensemble_names_the_hardware_its_members_used(tmp_path):
     for row in ("cnn", "wrn"):
         add_run(tmp_path, f"{row}-seed0", probs_with_errors(5, 1),
                 deep_train(row, 0, 10, 1.0, device="cuda", hardware="NVIDIA H100 80GB HBM3"), seed=0)
-    table = report.compare(dataclasses.replace(PLAN, seeds=(0,)), tmp_path)
+    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), tmp_path)
     assert table["cnn"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3"
     assert table["ensemble"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3"
 
 
 def test_compare_stage(tree, write_params, monkeypatch):
-    params = write_params(lambda p: p.update(quick=True, seeds=[0, 1]))
+    params = write_params(lambda p: p.update(quick=True, seeds={row: [0, 1] for row in p["seeds"]}))
     monkeypatch.chdir(tree)
     result = invoke(compare_main, ["--params", params])
     assert result.exit_code == 0, result.output

@@ -408,7 +408,7 @@ def test_unknown_run_ids_list_the_valid_ones(repo, run_id):
     assert repr(run_id) in message and "valid ids" in message
     valid = message.split("valid ids (from params.yaml): ")[1].split(", ")
     assert valid == [f"svm-{name}" for name in params.svm] + \
-        [f"{row}-seed{s}" for row in params.recipes for s in params.seeds]
+        [f"{row}-seed{s}" for row in params.recipes for s in params.seeds[row]]
     assert_one_error_line(run_stage([run_id]), "valid ids", "se_wrn-seed0", "svm-hog_seed")
 
 

@@ -13,6 +13,7 @@ from fashionbench.models.cnn import CNNArch
 from fashionbench.models.mlp import MLPArch
 from fashionbench.models.registry import UnknownModelError, register, spec
 from fashionbench.models.resnet7 import ResNet7Arch
+from fashionbench.models.resnet import ResNet9Arch, ResNetArch
 from fashionbench.models.wrn import WRNConfig
 from fashionbench.params import ParamsError, load_params, params_from_dict
 from tests.conftest import REPO
@@ -44,6 +45,8 @@ def test_every_recipe_model_maps_a_batch_to_ten_finite_logits(row):
     ("mlp", MLPArch(hidden=(32, 16), dropout=0.1)),
     ("wrn", WRNConfig(10, 1, 0.3, "post", 4, 0.2, "sample")),
     ("wrn", WRNConfig(16, 1, 0.3, "pre", 4, 0.5, "batch")),
+    ("resnet", ResNetArch(blocks=(1, 1, 1, 1), dropout=0.3)),
+    ("resnet9", ResNet9Arch(hidden=16)),
 ])
 def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
     torch.manual_seed(0)
@@ -61,6 +64,9 @@ def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
     ("wrn", WRNConfig(28, 2, 0.5, "post", 0, 0.0, "sample"), 1_467_770),
     ("wrn", WRNConfig(40, 4, 0.5, "post", 0, 0.0, "sample"), 8_949_818),
     ("wrn", WRNConfig(40, 4, 0.5, "pre", 16, 0.2, "batch"), 9_016_290),
+    ("resnet", ResNetArch((2, 2, 2, 2), 0.3), 11_172_810),   # the report's 11.2M
+    ("resnet", ResNetArch((3, 4, 6, 3), 0.3), 21_280_970),   # the report says 21.8M
+    ("resnet9", ResNet9Arch(128), 6_633_802),                # the lab's ~6.6M
 ])
 def test_parameter_counts_are_pinned(name, arch, expected):
     with torch.device("meta"):  # counting needs shapes only: skip allocating and initialising
@@ -69,6 +75,8 @@ def test_parameter_counts_are_pinned(name, arch, expected):
 
 @pytest.mark.parametrize("row, expected", [
     ("cnn", 824_458), ("resnet7", 186_442), ("mlp", 101_770), ("wrn", 8_949_818), ("se_wrn", 9_016_290),
+    ("resnet9", 6_633_802), ("resnet18", 11_172_810), ("resnet34", 21_280_970),
+    ("mlp512", 784 * 512 + 512 + 512 * 128 + 128 + 128 * 10 + 10), ("wrn28", 1_467_770),
 ])
 def test_the_repository_rows_are_the_seed_models(row, expected):
     recipe = REPO_RECIPES[row]
@@ -131,6 +139,8 @@ def test_a_registered_model_is_buildable_and_accepted_by_params(tiny_model, para
     assert spec(tiny_model).summary(TinyArch(5)) == "tiny linear, hidden 5"
 
     params_dict["tiny"] = {"model": tiny_model, "arch": {"hidden": 7}, "epochs": 2}
+
+    params_dict["seeds"]["tiny"] = [0]
     params = params_from_dict(params_dict)
     recipe = params.recipe("tiny")
     assert recipe.arch == TinyArch(hidden=7) and recipe.epochs == 2
@@ -145,6 +155,7 @@ def test_a_registered_model_is_buildable_and_accepted_by_params(tiny_model, para
 def test_a_registered_model_is_gone_after_its_test(params_dict):
     assert "test_tiny_linear" not in REGISTRY
     params_dict["tiny"] = {"model": "test_tiny_linear", "arch": {"hidden": 7}}
+    params_dict["seeds"]["tiny"] = [0]
     with pytest.raises(ParamsError, match="unknown model 'test_tiny_linear'") as caught:
         params_from_dict(params_dict)
     assert caught.value.key == "tiny.model"
@@ -262,6 +273,7 @@ def test_a_model_registered_alone_runs_through_train_evaluate_and_compare(tiny_m
     split = Split(images.astype(np.uint8), labels.astype(np.int64))
     save_prepared(with_train_stats(split, None, split), tmp_path / "data/prepared")
     params_dict["tiny"] = {"model": tiny_model, "arch": {"hidden": 16}, "epochs": 3, "lr": 0.01}
+    params_dict["seeds"]["tiny"] = [0]
     params_dict["svm"] = {"rbf": params_dict["svm"]["rbf"]}
     params_dict["evaluate"]["device"] = "cpu"
     params_dict["train_defaults"]["device"] = "cpu"

@@ -9,7 +9,8 @@ from fashionbench.params import (Augment, ParamsError, TrainRecipe, load_params,
                                  params_from_dict)
 from tests.conftest import REPO, invoke
 
-DEEP_ROWS = ("cnn", "resnet7", "mlp", "wrn", "se_wrn")
+DEEP_ROWS = ("cnn", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
+             "se_wrn")
 
 
 def expect_error(params_dict, fragments, key_suffix: str | None = None) -> ParamsError:
@@ -60,7 +61,7 @@ def test_changing_a_default_changes_every_recipe_that_does_not_set_it(params_dic
     params_dict["train_defaults"]["lr"] = 0.123
     params = params_from_dict(params_dict)
     for row in DEEP_ROWS:
-        assert params.recipes[row].grad_clip == 2.5, row
+        assert params.recipes[row].grad_clip == params_dict[row].get("grad_clip", 2.5), row
         assert params.recipes[row].lr == params_dict[row].get("lr", 0.123), row
 
 
@@ -90,6 +91,7 @@ def test_the_wrn_rows_read_the_shared_model_section(params_dict):
 
 def test_any_section_naming_a_model_is_a_deep_row(params_dict):
     params_dict["cnn_wide"] = {"model": "cnn", "arch": {"dropout": 0.25}, "epochs": 3}
+    params_dict["seeds"]["cnn_wide"] = [0]
     params = params_from_dict(params_dict)
     assert params.recipes["cnn_wide"].arch.dropout == 0.25
     assert params.recipes["cnn_wide"].epochs == 3
@@ -175,7 +177,7 @@ def test_quick_must_be_a_boolean(params_dict):
 
 def test_unknown_row_in_recipe_lists_the_rows(params_dict):
     params = params_from_dict(params_dict)
-    with pytest.raises(ParamsError, match=r"vgg.*deep rows: cnn, resnet7, mlp, wrn, se_wrn"):
+    with pytest.raises(ParamsError, match=r"vgg.*deep rows: cnn, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn"):
         params.recipe("vgg")
 
 
@@ -272,6 +274,16 @@ def test_a_wrong_literal_in_a_recipe_lists_the_choices(params_dict):
     expect_error(params_dict, ["'linear' is not one of", "'onecycle'", "'cosine'"], "mlp.schedule")
 
 
+def test_compile_is_a_mode_not_a_switch(params_dict):
+    params_dict["train_defaults"]["compile"] = True  # the old boolean spelling
+    expect_error(params_dict, ["True is not one of", "'none'", "'reduce-overhead'"], "compile")
+
+
+def test_a_resnet_needs_four_stages(params_dict):
+    params_dict["resnet18"]["arch"]["blocks"] = [2, 2, 2]
+    expect_error(params_dict, ["4 stages", "[2, 2, 2, 2]"], "resnet18.arch.blocks")
+
+
 def test_negative_size(params_dict):
     params_dict["preprocess"]["subset_size"] = -5
     assert expect_error(params_dict, ">= 0").key == "preprocess.subset_size"
@@ -319,23 +331,37 @@ def test_ensemble_of_an_unknown_row(params_dict):
 # ---------------------------------------------------------------- the torch-free plan
 
 
+@pytest.mark.parametrize("seeds, fragments, key", [
+    ({"cnn": [0]}, ["missing", "resnet7: [0]"], "seeds.resnet7"),
+    ({"cnnn": [0]}, ["not a deep row", "did you mean 'cnn'"], "seeds.cnnn"),
+    ({"wrn": []}, ["at least one"], "seeds.wrn"),
+    ({"wrn": [1, 1]}, ["distinct"], "seeds.wrn"),
+])
+def test_every_deep_row_lists_its_own_distinct_seeds(params_dict, seeds, fragments, key):
+    params_dict["seeds"] = {**params_dict["seeds"], **seeds}
+    if "cnnn" not in seeds and "wrn" not in seeds:
+        del params_dict["seeds"]["resnet7"]
+    expect_error(params_dict, fragments, key)
+
+
 def test_load_plan_gives_rows_seeds_and_epochs(write_params):
     def edit(raw):
-        raw["seeds"] = [0, 7]
+        raw["seeds"] = {row: [0, 7] for row in raw["seeds"]} | {"cnn_small": [3]}
         raw["quick"] = True
         raw["cnn_small"] = {"model": "cnn", "arch": {"dropout": 0.1}}  # epochs from train_defaults
     plan = load_plan(write_params(edit))
     raw = load_params(write_params(edit))
-    assert plan.quick is True and plan.seeds == (0, 7)
+    assert plan.quick is True and plan.seeds == {row: (0, 7) for row in DEEP_ROWS} | {"cnn_small": (3,)}
     assert plan.deep == (*DEEP_ROWS, "cnn_small") == tuple(raw.recipes)
     assert plan.svm == tuple(raw.svm)
     assert plan.epochs == {row: recipe.epochs for row, recipe in raw.recipes.items()}
-    assert plan.epochs["cnn_small"] == 30 and plan.epochs["wrn"] == 600
+    assert plan.epochs["cnn_small"] == 30
     assert plan.ensemble == raw.compare.ensemble and plan.tolerance == raw.compare.tolerance
     assert plan.rows() == [f"svm-{k}" for k in raw.svm] + list(plan.deep)
     runs = plan.runs()
     assert ("cnn-seed7", "cnn", 7) in runs and ("svm-rbf", "svm-rbf", None) in runs
-    assert len(runs) == len(raw.svm) + 2 * len(plan.deep)
+    assert ("cnn_small-seed3", "cnn_small", 3) in runs and ("cnn_small-seed0", "cnn_small", 0) not in runs
+    assert len(runs) == len(raw.svm) + 2 * len(DEEP_ROWS) + 1
     assert plan.row_of("se_wrn-seed7") == "se_wrn" and plan.row_of("svm-hog_seed") == "svm-hog_seed"
 
 

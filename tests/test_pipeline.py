@@ -35,7 +35,8 @@ from tests.conftest import REAL_SOURCE, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
-DEEP_ROWS = ("cnn", "resnet7", "mlp", "wrn", "se_wrn")
+DEEP_ROWS = ("cnn", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
+             "se_wrn")
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
                 "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -47,7 +48,7 @@ TIMEOUT_S = 1800  # per command; generous because the development machine is oft
 def tiny_params(raw: dict) -> dict:
     """The repository's params.yaml at a scale where the whole DAG runs in a few minutes."""
     raw["quick"] = True
-    raw["seeds"] = [0]
+    raw["seeds"] = {row: [0] for row in raw["seeds"]}
     raw["quick_scale"] = {"train_size": 200, "validation_size": 50, "test_size": 100,
                           "epochs": MLP_EPOCHS, "epoch_images": {"default": 200},
                           "tsne_size": 60, "pca_size": 60}
@@ -62,6 +63,9 @@ def tiny_params(raw: dict) -> dict:
         raw[row]["epochs"] = 1
     raw["mlp"]["epochs"] = MLP_EPOCHS
     raw["resnet7"]["arch"]["width"] = 8
+    raw["wrn28"]["arch"] |= {"depth": 10, "widen": 1}
+    for row in ("resnet18", "resnet34"):
+        raw[row]["arch"]["blocks"] = [1, 1, 1, 1]
     raw["evaluate"] |= {"device": "cpu", "gallery_size": 4, "gradcam_images": 2}
     # Every recipe of the repository sets its own lr; here mlp inherits train_defaults' lr,
     # so `-S train_defaults.lr` has a row to reach (cnn keeps its own, as in the repository).
@@ -205,7 +209,7 @@ EXPERIMENTS = {
     # A key the section lists is set with -S; one it inherits needs DVC's `+` (it adds the key).
     "test_keys_set_on_one_recipe_rerun_only_that_row": ("cnn-keys", ["cnn.lr=0.0005",
                                                                      "+cnn.batch_size=64"]),
-    "test_seed_list_override_leaves_no_old_seed_in_the_table": ("seed1", ["seeds=[1]"]),
+    "test_seed_list_override_leaves_no_old_seed_in_the_table": ("seed1", [f"seeds.{row}=[1]" for row in DEEP_ROWS]),
 }
 
 
@@ -389,8 +393,9 @@ def test_model_shape_override_reruns_only_the_wrn_family(experiments, request):
     repo, name, done = experiment(experiments, request)
     ran, skipped = stages_ran(done.output), stages_skipped(done.output)
     assert deep_trains(ran) == {"train_wrn@0", "train_se_wrn@0"}, done.output
-    assert {"evaluate@wrn-0", "evaluate@se_wrn-0", "compare"} <= ran, done.output
-    assert not ran & {"train_svm@rbf", "train_svm@fast", "evaluate@cnn-0"}, done.output
+    assert "train_wrn28@0" in skipped, done.output  # its own section sets every shape key
+    assert {"evaluate_wrn@wrn-0", "evaluate_se_wrn@se_wrn-0", "compare"} <= ran, done.output
+    assert not ran & {"train_svm@rbf", "train_svm@fast", "evaluate_cnn@cnn-0"}, done.output
     assert {"train_cnn@0", "train_svm@rbf", "train_svm@fast"} <= skipped, done.output
 
     wrn_16_1 = build_model("wrn", WRNConfig(
@@ -406,7 +411,7 @@ def test_inherited_key_in_train_defaults_reruns_every_deep_row(experiments, requ
     repo, name, done = experiment(experiments, request)
     ran, skipped = stages_ran(done.output), stages_skipped(done.output)
     assert deep_trains(ran) == all_deep_trains(), done.output
-    assert {f"evaluate@{row}-0" for row in DEEP_ROWS} | {"compare"} <= ran, done.output
+    assert {f"evaluate_{row}@{row}-0" for row in DEEP_ROWS} | {"compare"} <= ran, done.output
     assert {"train_svm@rbf", "train_svm@fast"} <= skipped, done.output
     # mlp inherits lr and takes the new value; a recipe that sets its own lr keeps it
     assert "lr 0.002," in repo.head_json("metrics/train/mlp-seed0.json")["recipe"]
@@ -420,7 +425,7 @@ def test_keys_set_on_one_recipe_rerun_only_that_row(experiments, request):
     assert "lr" in cnn and "batch_size" not in cnn  # one explicit key, one inherited
     ran, skipped = stages_ran(done.output), stages_skipped(done.output)
     assert deep_trains(ran) == {"train_cnn@0"}, done.output
-    assert {"evaluate@cnn-0", "compare"} <= ran, done.output
+    assert {"evaluate_cnn@cnn-0", "compare"} <= ran, done.output
     assert all_deep_trains() - {"train_cnn@0"} <= skipped, done.output
     assert "lr 0.002, batch 128;" in repo.head_json("metrics/train/cnn-seed0.json")["recipe"]
     assert "lr 0.0005, batch 64;" in repo.exp_json(name, "metrics/train/cnn-seed0.json")["recipe"]

@@ -95,6 +95,22 @@ def same_weights(a: nn.Module, b: nn.Module) -> None:
 # ---------------------------------------------------------------- fit
 
 
+def test_step_schedule_drops_the_lr_after_warmup_every_step_epochs(params_dict):
+    recipe = recipe_of(params_dict, "mlp", epochs=7, schedule="step", warmup_epochs=1.0,
+                       step_epochs=2.0, step_gamma=0.1, optimizer="sgd", momentum=0.0, lr=1.0)
+    optimizer = train_module.make_optimizer(nn.Linear(2, 2), recipe, torch.device("cpu"))
+    assert optimizer.defaults["nesterov"] is False  # momentum 0: plain SGD
+    scheduler = train_module.make_scheduler(optimizer, recipe, steps_per_epoch=4)
+    lrs = []
+    for _ in range(7 * 4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    per_epoch = [lrs[4 * e + 3] for e in range(7)]  # the last step of each epoch
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # one epoch of linear warmup
+    assert per_epoch == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
 def test_a_tiny_run_lowers_the_loss(params_dict):
     recipe = recipe_of(params_dict, "mlp", epochs=3, lr=0.01, schedule="constant", warmup_epochs=0.0)
     result = run_fit(recipe, synthetic(160), synthetic(40, 1), seed=0)
@@ -395,5 +411,5 @@ def test_train_stage_rejects_an_unknown_row(workdir):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "vgg" in lines[0] and "cnn, resnet7, mlp, wrn, se_wrn" in lines[0]
+    assert "vgg" in lines[0] and "cnn, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn" in lines[0]
     assert not (root / "models").exists() and not (root / "metrics").exists()
