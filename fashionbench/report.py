@@ -127,11 +127,14 @@ def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
 
 
 def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> pd.DataFrame:
-    """Per seed, the mean of the members' plain test probabilities (two or more members)."""
+    """Per seed, the mean of the members' plain test probabilities (two or more members).
+    Seeds that every member ran are the ensemble's seeds; only where none is complete does a
+    partial ensemble stand in (its recipe names the absent members)."""
     records = []
-    for seed, parts in runs[runs["row"].isin(members)].groupby("seed", sort=True):
-        if len(parts) < 2:
-            continue
+    by_seed = [(seed, parts) for seed, parts in runs[runs["row"].isin(members)].groupby("seed", sort=True)
+               if len(parts) >= 2]
+    complete = [(seed, parts) for seed, parts in by_seed if set(parts["row"]) == set(members)]
+    for seed, parts in complete or by_seed:
         loaded = [_load_predictions(root / "predictions" / f"{run_id}.npz") for run_id in parts["id"]]
         labels, probs = loaded[0][0], np.mean([p for _, p in loaded], axis=0)
         absent = [m for m in members if m not in set(parts["row"])]
@@ -142,12 +145,17 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> p
         records.append({"id": f"{ENSEMBLE}-seed{int(seed)}", "row": ENSEMBLE, "seed": int(seed), **metrics,
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
                         "train_s": parts["train_s"].sum(),
-                        "hardware": ", ".join(sorted(set(parts["hardware"].dropna())))}
+                        "hardware": _distinct(parts["hardware"])}
                        | class_accuracy(labels, probs.argmax(axis=1)))
     return pd.DataFrame.from_records(records, columns=runs.columns)
 
 
 # ---------------------------------------------------------------- the table
+
+
+def _distinct(values: pd.Series) -> str | None:
+    """Every machine a row's seeds ran on, once each."""
+    return ", ".join(sorted(set(values.dropna()))) or None
 
 
 def _all_or_none(values: pd.Series) -> float:
@@ -161,8 +169,8 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
     table = groups.agg(runs=("id", "size"), **{k: (k, "mean") for k in SUMMED},
                        **{f"{k}_std": (k, "std") for k in SUMMED},
                        **{k: (k, _all_or_none) for k in ALL_OR_NONE},
-                       **{k: (k, "first") for k in ("parameters", "recipe", "epochs", "train_size",
-                                                     "hardware")},
+                       **{k: (k, "first") for k in ("parameters", "recipe", "epochs", "train_size")},
+                       hardware=("hardware", _distinct),
                        train_s=("train_s", "mean"))
     table[[f"{k}_std" for k in SUMMED]] = table[[f"{k}_std" for k in SUMMED]].fillna(0.0)
     table = table.join(groups[list(CLASS_NAMES)].mean())

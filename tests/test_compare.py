@@ -279,6 +279,23 @@ def test_the_ensemble_row_says_what_it_averages(tree):
     assert "mean plain probabilities of cnn, wrn (mlp: not run)" in line_of(table, "ensemble")
 
 
+def test_the_ensemble_keeps_to_the_seeds_every_member_ran(tree):
+    """cnn and wrn ran seeds 0 and 1, mlp only seed 0: a seed-1 ensemble of two of the three
+    members would mix different ensembles into one mean."""
+    remove_run(tree, "mlp-seed1")
+    table = report.compare(dataclasses.replace(PLAN, ensemble=("cnn", "mlp", "wrn")), tree)
+    assert table["ensemble"]["seeds"] == [0] and table["ensemble"]["runs"] == 1
+    assert table["ensemble"]["recipe"] == "mean plain probabilities of cnn, mlp, wrn"
+
+
+def test_a_row_names_every_machine_its_seeds_ran_on(tmp_path):
+    for seed, card in ((0, "NVIDIA H100 80GB HBM3"), (1, "NVIDIA H200")):
+        add_run(tmp_path, f"wrn-seed{seed}", probs_with_errors(5, seed),
+                deep_train("wrn", seed, 10, 1.0, device="cuda", hardware=card))
+    table = report.compare(PLAN, tmp_path)
+    assert table["wrn"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3, cuda: NVIDIA H200"
+
+
 def test_the_ensemble_names_the_hardware_its_members_used(tmp_path):
     for row in ("cnn", "wrn"):
         add_run(tmp_path, f"{row}-seed0", probs_with_errors(5, 1),
