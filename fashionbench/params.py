@@ -205,7 +205,7 @@ class TrainRecipe:
     arch: Any
     epochs: int
     batch_size: int
-    optimizer: Literal["adamw", "sgd"]
+    optimizer: Literal["adamw", "sgd", "ranger"]
     lr: float
     weight_decay: float
     momentum: float

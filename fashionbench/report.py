@@ -37,17 +37,19 @@ SEED_REPORTED = {
     "svm-hog": "0.8940 (seed's HOG row)", "cnn": "0.9320", "resnet7": "0.9300",
     "resnet9": "- (CIFAR-10 lab)", "resnet18": "0.950 (2nd report)", "resnet34": "0.949 (2nd report)",
     "mlp": "0.851 (2nd report)", "mlp512": "~0.896 val (NumPy report)", "wrn": "0.9573 (WRN-40-4)",
-    "wrn28": "0.9558 (WRN-28-2)", "se_wrn": "0.9602 (SE-WRN-40-4)",
+    "wrn28": "0.9558 (WRN-28-2)", "se_wrn": "0.9602 (SE-WRN-40-4)", "se_wrn64": "0.9582 (SE-WRN-64-8)",
 }
 
 # How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
 # development CPU (AMD EPYC, fp32, both cores; `python -m fashionbench.runner time <row>
 # --images 1024`, ResNet-7's from its 8-epoch run) and on one H100 (this engine's defaults,
 # bench/results-gpu-h100.md: WRN-40-4 at batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s; None:
-# not measured); the rbf_scaled fit was timed at 54 min on one core.
+# not measured); the rbf_scaled fit was timed at 54 min on one core. SE-WRN-64-8's are
+# SE-WRN-40-4's scaled by their training FLOPs per image (34.86 / 4.92 GFLOP = 7.08x, torch's
+# FlopCounterMode), not measured: one warm-up of ten batches of 256 would take ~20 minutes here.
 NOT_RUN_EPOCH_S = {"resnet7": (480, None), "resnet9": (991, None), "resnet18": (1947, None),
                    "resnet34": (3587, None), "wrn": (5096, 10.4), "wrn28": (1137, None),
-                   "se_wrn": (4027, 9.1)}
+                   "se_wrn": (4027, 9.1), "se_wrn64": (28510, 64.4)}
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 

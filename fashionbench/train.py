@@ -33,6 +33,7 @@ from fashionbench.data import Prepared, Split
 from fashionbench.distributed import Group
 from fashionbench.errors import UserError
 from fashionbench import distributed, machine
+from fashionbench.lookahead import Lookahead
 from fashionbench.io import atomic_path, write_json
 from fashionbench.models import build_model, count_parameters, save_trained
 from fashionbench.models.registry import spec
@@ -134,11 +135,17 @@ class EMA:
 
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (beta1 = momentum) or SGD: Nesterov with momentum > 0, plain at momentum 0."""
+    """AdamW (beta1 = momentum); SGD: Nesterov with momentum > 0, plain at momentum 0; Ranger:
+    RAdam (beta1 = momentum, decoupled weight decay) in Lookahead with its published k = 6,
+    alpha = 0.5."""
     params = model.parameters()
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "ranger":
+        radam = torch.optim.RAdam(params, lr=recipe.lr, betas=(recipe.momentum, 0.999), eps=1e-5,
+                                  weight_decay=recipe.weight_decay, decoupled_weight_decay=True)
+        return Lookahead(radam, k=6, alpha=0.5)
     return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
                              weight_decay=recipe.weight_decay, fused=device.type == "cuda")
 

@@ -489,7 +489,10 @@ def test_quick_with_allow_dirty_runs(workspace, monkeypatch):
     monkeypatch.setattr(quick, "run_experiment", lambda name, overrides: calls.append(overrides) or OLD)
     result = invoke(quick.main, ["--allow-dirty", "-S", "model.depth=16"])
     assert result.exit_code == 0, result.output
-    assert calls == [["model.depth=16"]]
+    # each row with several seeds keeps its first; the user's -S come last and win
+    several = {row: seeds for row, seeds in load_plan(workspace / "params.yaml").seeds.items() if len(seeds) > 1}
+    assert several  # the repository's params.yaml has rows with several seeds
+    assert calls == [[*(f"seeds.{row}=[{seeds[0]}]" for row, seeds in several.items()), "model.depth=16"]]
 
 
 def test_quick_fails_on_a_regression_and_prints_the_diff(workspace, monkeypatch):

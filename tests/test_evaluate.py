@@ -157,7 +157,7 @@ def test_confusion_csv_uses_class_names(tmp_path):
 
 
 WRN_SE = WRNConfig(depth=16, widen=1, dropout=0.0, block="pre", se_reduction=4,
-                   drop_path=0.0, drop_path_mode="sample")
+                   drop_path=0.0, drop_path_mode="sample", activation="relu")
 
 
 @pytest.mark.parametrize("name, arch, layer_type", [

@@ -14,7 +14,7 @@ from fashionbench.models.mlp import MLPArch
 from fashionbench.models.registry import UnknownModelError, register, spec
 from fashionbench.models.resnet7 import ResNet7Arch
 from fashionbench.models.resnet import ResNet9Arch, ResNetArch
-from fashionbench.models.wrn import WRNConfig
+from fashionbench.models.wrn import SqueezeExcite, WRNConfig
 from fashionbench.params import ParamsError, load_params, params_from_dict
 from tests.conftest import REPO
 
@@ -43,8 +43,9 @@ def test_every_recipe_model_maps_a_batch_to_ten_finite_logits(row):
 @pytest.mark.parametrize("name, arch", [
     ("resnet7", ResNet7Arch(width=16)),
     ("mlp", MLPArch(hidden=(32, 16), dropout=0.1)),
-    ("wrn", WRNConfig(10, 1, 0.3, "post", 4, 0.2, "sample")),
-    ("wrn", WRNConfig(16, 1, 0.3, "pre", 4, 0.5, "batch")),
+    ("wrn", WRNConfig(10, 1, 0.3, "post", 4, 0.2, "sample", "relu")),
+    ("wrn", WRNConfig(16, 1, 0.3, "pre", 4, 0.5, "batch", "relu")),
+    ("wrn", WRNConfig(10, 1, 0.3, "pre", 4, 0.2, "sample", "mish")),
     ("resnet", ResNetArch(blocks=(1, 1, 1, 1), dropout=0.3)),
     ("resnet9", ResNet9Arch(hidden=16)),
 ])
@@ -61,9 +62,11 @@ def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
     ("cnn", CNNArch(0.5), 824_458),
     ("resnet7", ResNet7Arch(64), 186_442),
     ("mlp", MLPArch((128,), 0.0), 101_770),
-    ("wrn", WRNConfig(28, 2, 0.5, "post", 0, 0.0, "sample"), 1_467_770),
-    ("wrn", WRNConfig(40, 4, 0.5, "post", 0, 0.0, "sample"), 8_949_818),
-    ("wrn", WRNConfig(40, 4, 0.5, "pre", 16, 0.2, "batch"), 9_016_290),
+    ("wrn", WRNConfig(28, 2, 0.5, "post", 0, 0.0, "sample", "relu"), 1_467_770),
+    ("wrn", WRNConfig(40, 4, 0.5, "post", 0, 0.0, "sample", "relu"), 8_949_818),
+    ("wrn", WRNConfig(40, 4, 0.5, "pre", 16, 0.2, "batch", "relu"), 9_016_290),
+    ("wrn", WRNConfig(40, 4, 0.5, "pre", 16, 0.2, "batch", "mish"), 9_016_290),  # Mish has no weights
+    ("wrn", WRNConfig(64, 8, 0.5, "pre", 16, 0.2, "batch", "relu"), 60_974_570),  # the seed's ~61M
     ("resnet", ResNetArch((2, 2, 2, 2), 0.3), 11_172_810),   # the report's 11.2M
     ("resnet", ResNetArch((3, 4, 6, 3), 0.3), 21_280_970),   # the report says 21.8M
     ("resnet9", ResNet9Arch(128), 6_633_802),                # the lab's ~6.6M
@@ -93,8 +96,15 @@ def test_build_model_accepts_a_dict_and_rejects_a_foreign_arch():
         build_model("vgg", {})
 
 
+def test_the_activation_option_sets_every_activation_but_the_se_gates():
+    model = build_model("wrn", WRNConfig(10, 1, 0.0, "pre", 4, 0.0, "sample", "mish"))
+    gates = {id(m) for gate in model.modules() if isinstance(gate, SqueezeExcite) for m in gate.modules()}
+    kinds = {type(m) for m in model.modules() if id(m) not in gates and isinstance(m, (nn.ReLU, nn.Mish))}
+    assert kinds == {nn.Mish}
+
+
 def test_sample_drop_path_is_random_in_training_only():
-    model = build_model("wrn", WRNConfig(10, 1, 0.0, "pre", 0, 0.9, "sample"))
+    model = build_model("wrn", WRNConfig(10, 1, 0.0, "pre", 0, 0.9, "sample", "relu"))
     x = torch.randn(4, 1, 28, 28)
     torch.manual_seed(0)
     assert not torch.equal(model.train()(x), model(x))
@@ -192,7 +202,7 @@ def test_load_trained_round_trips(tmp_path):
 
 
 def test_load_trained_round_trips_a_wrn_with_batch_norm_statistics(tmp_path):
-    arch = WRNConfig(10, 1, 0.3, "pre", 4, 0.2, "batch")
+    arch = WRNConfig(10, 1, 0.3, "pre", 4, 0.2, "batch", "relu")
     model = build_model("wrn", arch)
     model.train()(torch.randn(8, 1, 28, 28))  # move the running statistics off their defaults
     path = tmp_path / "model.pt"
@@ -201,6 +211,19 @@ def test_load_trained_round_trips_a_wrn_with_batch_norm_statistics(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(loaded(x), model.eval()(x))
     assert meta["arch"]["block"] == "pre"
+
+
+def test_a_wrn_saved_before_the_activation_option_loads_as_relu(tmp_path):
+    arch = WRNConfig(10, 1, 0.0, "post", 0, 0.0, "sample", "relu")
+    model = build_model("wrn", arch)
+    path = tmp_path / "model.pt"
+    save(path, model, "wrn", arch)
+    saved = torch.load(path, weights_only=True)
+    del saved["arch"]["activation"]
+    torch.save(saved, path)
+    loaded, _ = load_trained(path)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_load_trained_of_a_missing_file_names_the_stage_to_rerun(tmp_path):
@@ -243,7 +266,7 @@ def test_a_model_that_no_longer_fits_the_code_names_the_stage_to_rerun(tmp_path)
 
 
 @pytest.mark.parametrize("key, value, problem", [
-    ("depth", 41, "6n+4"), ("widen", 0, ">= 1"), ("dropout", 1.0, "[0, 1)")])
+    ("depth", 41, "6n+4"), ("widen", 0, ">= 1"), ("dropout", 1.0, "[0, 1)"), ("activation", "gelu", "mish")])
 def test_bad_shared_model_params_name_the_key(params_dict, key, value, problem):
     params_dict["model"][key] = value
     with pytest.raises(ParamsError) as caught:

@@ -400,7 +400,7 @@ def test_model_shape_override_reruns_only_the_wrn_family(experiments, request):
 
     wrn_16_1 = build_model("wrn", WRNConfig(
         depth=16, widen=1, dropout=repo.params()["model"]["dropout"], block="post", se_reduction=0,
-        drop_path=0.0, drop_path_mode="sample"))
+        drop_path=0.0, drop_path_mode="sample", activation="relu"))
     metrics = repo.exp_json(name, "metrics/train/wrn-seed0.json")
     assert metrics["parameters"] == count_parameters(wrn_16_1)
     assert metrics["architecture"].startswith("WRN-16-1 ")

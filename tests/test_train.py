@@ -127,6 +127,14 @@ def test_a_tiny_run_lowers_the_loss(params_dict):
     ("se_wrn", 1, {"ema": 0.9, "grad_clip": 1.0, "optimizer": "sgd", "schedule": "cosine",
                    "warmup_epochs": 1.0}),
     ("resnet7", 2, {"epochs": 3, "arch": {"width": 8}, "precise_bn": 24, "augment": {"mixup": 0.4}}),
+    ("cnn", 1, {"epochs": 3, "batch_size": 8, "optimizer": "ranger", "momentum": 0.95}),
+    ("wrn28", 1, {"epochs": 3, "batch_size": 8,
+                  "arch": {"depth": 10, "widen": 1, "dropout": 0.3, "block": "post", "se_reduction": 0,
+                           "drop_path": 0.0, "drop_path_mode": "sample", "activation": "mish"}}),
+    # 4 steps per epoch, Lookahead syncs every 6: the checkpoint falls between two syncs
+    ("wrn28", 1, {"epochs": 3, "batch_size": 8, "optimizer": "ranger", "momentum": 0.95,
+                  "arch": {"depth": 10, "widen": 1, "dropout": 0.3, "block": "post", "se_reduction": 0,
+                           "drop_path": 0.0, "drop_path_mode": "sample", "activation": "mish"}}),
 ])
 def test_resume_after_an_interruption_gives_bit_identical_weights(params_dict, tmp_path, epochs_trained,
                                                                   row, stop_after, changes):

@@ -1,4 +1,5 @@
-"""One WideResNet class: WRN, pre-activation, squeeze-excitation and drop-path are options."""
+"""One WideResNet class: WRN, pre-activation, squeeze-excitation, drop-path and the activation
+function are options."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class WRNConfig:
     se_reduction: int                          # squeeze-excitation reduction; 0 = no SE
     drop_path: float                           # max residual-branch drop probability
     drop_path_mode: Literal["sample", "batch"]  # per image (rescaled) | the seed's block skip
+    # After each batch norm (SE gates keep ReLU). params.yaml sets it for every row; the default
+    # only reads model files saved before the option existed, all of them ReLU networks.
+    activation: Literal["relu", "mish"] = "relu"
 
     def __post_init__(self) -> None:
         _require(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth",
@@ -37,9 +41,15 @@ class WRNConfig:
 def _summary(cfg: WRNConfig) -> str:
     name = f"{'SE-' if cfg.se_reduction else ''}WRN-{cfg.depth}-{cfg.widen} {cfg.block}-act"
     extras = [f"dropout {cfg.dropout:g}"] if cfg.dropout else []
+    if cfg.activation != "relu":
+        extras.append(cfg.activation)
     if cfg.drop_path:
         extras.append(f"drop-path {cfg.drop_path:g} ({cfg.drop_path_mode})")
     return ", ".join([name, *extras])
+
+
+def _activation(cfg: WRNConfig) -> nn.Module:
+    return nn.Mish(inplace=True) if cfg.activation == "mish" else nn.ReLU(inplace=True)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -64,11 +74,11 @@ class SqueezeExcite(nn.Module):
 class Block(nn.Module):
     """A wide residual block.
 
-    post: relu(shortcut(x) + [conv-bn-relu-drop-conv-bn-drop-SE](x)), shortcut conv1x1-bn
+    post: act(shortcut(x) + [conv-bn-act-drop-conv-bn-drop-SE](x)), shortcut conv1x1-bn
           (the seed's WRN: dropout after each conv).
-    pre:  a = relu(bn(x)); shortcut(a or x) + [conv-bn-relu-drop-conv-SE](a), shortcut conv1x1
+    pre:  a = act(bn(x)); shortcut(a or x) + [conv-bn-act-drop-conv-SE](a), shortcut conv1x1
           (the seed's SE-WRN: dropout between the convs).
-    The residual branch is dropped with probability `drop_path` in training: per image and
+    act is ReLU or Mish (`activation`). The residual branch is dropped with probability `drop_path` in training: per image and
     rescaled by 1/keep ("sample"), or for the whole batch by returning x unchanged ("batch",
     the seed's block skip, only used on blocks whose input and output shapes agree).
     """
@@ -77,14 +87,15 @@ class Block(nn.Module):
         super().__init__()
         self.pre = cfg.block == "pre"
         self.drop_path, self.per_batch = drop_path, cfg.drop_path_mode == "batch"
-        after_first = [nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
+        after_first = [nn.BatchNorm2d(cout), _activation(cfg), nn.Dropout(cfg.dropout)]
         second = [_conv3x3(cout, cout)]
         if not self.pre:
             second += [nn.BatchNorm2d(cout), nn.Dropout(cfg.dropout)]
         if cfg.se_reduction:
             second.append(SqueezeExcite(cout, cfg.se_reduction))
         self.branch = nn.Sequential(_conv3x3(cin, cout, stride), *after_first, *second)
-        self.pre_act = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if self.pre else None
+        self.pre_act = nn.Sequential(nn.BatchNorm2d(cin), _activation(cfg)) if self.pre else None
+        self.post_act = None if self.pre else _activation(cfg)
         self.shortcut: nn.Module | None = None
         if cin != cout or stride != 1:
             projection = [nn.Conv2d(cin, cout, 1, stride=stride, bias=False)]
@@ -102,7 +113,7 @@ class Block(nn.Module):
             keep = 1.0 - self.drop_path
             out = out * out.new_empty(out.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
         out = skip + out
-        return out if self.pre else torch.relu(out)
+        return out if self.post_act is None else self.post_act(out)
 
 
 @register("wrn", WRNConfig, summary=_summary, shared="model")
@@ -131,7 +142,7 @@ class WideResNet(nn.Module):
         post = cfg.block == "post"
         stem: list[nn.Module] = [_conv3x3(in_channels, widths[0])]
         if post:
-            stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+            stem += [nn.BatchNorm2d(widths[0]), _activation(cfg)]
         blocks, total = [], 3 * n
         for stage in range(3):
             for j in range(n):
@@ -143,7 +154,7 @@ class WideResNet(nn.Module):
                 cin = widths[stage] if j == 0 else widths[stage + 1]
                 stride = 2 if stage > 0 and j == 0 else 1
                 blocks.append(Block(cin, widths[stage + 1], stride, cfg, rate))
-        head: list[nn.Module] = [] if post else [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True)]
+        head: list[nn.Module] = [] if post else [nn.BatchNorm2d(widths[3]), _activation(cfg)]
         self.features = nn.Sequential(*stem, *blocks, *head, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
