@@ -1,5 +1,5 @@
 """Training throughput: this engine against a seed-style loop and against the machine's
-ceiling, and each speed switch alone.
+ceiling, and each speed switch alone (and the cost of AutoAugment).
 
     python -m bench.train_speed                 # the tables, on this machine's best device
     python -m bench.train_speed --images 4096   # more timed images per row (steadier, slower)
@@ -45,6 +45,9 @@ def _setup(spec: dict):
     params = load_params(Path(spec["params"]))
     section = "cnn" if spec["model"] == "cnn" else "wrn"
     recipe = dataclasses.replace(params.recipe(section), batch_size=spec["batch"])
+    if spec.get("autoaugment"):  # a cost, not a speed-up: the per-image policies
+        recipe = dataclasses.replace(recipe, augment=dataclasses.replace(
+            recipe.augment, autoaugment=spec["autoaugment"]))
     arch = recipe.arch
     if section == "wrn":
         depth, widen = (int(v) for v in spec["model"].split("-")[1:])
@@ -282,7 +285,8 @@ def _switches(cuda: bool) -> list[tuple[str, dict]]:
     """Each switch alone from the plain fp32 engine; on CUDA also all of them together."""
     switches = [("fp32, batch 128", {}), ("batch 256", {"batch": 256}), ("batch 512", {"batch": 512}),
                 ("channels_last", {"channels_last": True}), ("bf16 autocast", {"precision": "bf16"}),
-                ("torch.compile", {"compile": "default"})]
+                ("torch.compile", {"compile": "default"}),
+                ("+ AutoAugment (cifar10, per image)", {"autoaugment": "cifar10"})]
     if not cuda:
         return switches + [("1 thread", {"threads": 1})]
     return switches + [

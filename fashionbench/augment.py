@@ -2,17 +2,20 @@
 
 Images are (N, C, H, W) tensors, uint8 or float, on any device; `gen` must live on the same
 device. Every random draw comes from `gen`, so a seeded generator reproduces a batch exactly,
-and nothing waits on the host: no PIL, no per-image Python.
+and nothing waits on the host: no PIL, no per-image Python, with one exception: AutoAugment
+(torchvision's policies, applied image by image; see `autoaugment`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fashionbench.dataset import IMAGE_SIDE, RESIZE_MARGIN
 from fashionbench.params import Augment
 
 
@@ -50,6 +53,54 @@ def random_crop(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
     n = x.shape[0]
     dy, dx = (torch.randint(-pad, pad + 1, (n,), generator=gen, device=gen.device) for _ in range(2))
     return shift(x, dy, dx)
+
+
+def enlarge(x: Tensor, size: int) -> Tensor:
+    """uint8 images stored at 28 px -> bilinear-resized to `size` + RESIZE_MARGIN px, the frame
+    a `size`-px recipe crops from; unchanged when `size` is the stored side."""
+    if size == x.shape[-1]:
+        return x
+    side = size + RESIZE_MARGIN
+    big = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
+    return big.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_crop_to(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """A random `size` x `size` window of each image (no padding)."""
+    n, _, h, w = x.shape
+    top = torch.randint(0, h - size + 1, (n,), generator=gen, device=gen.device)
+    left = torch.randint(0, w - size + 1, (n,), generator=gen, device=gen.device)
+    return shift(x, -top, -left)[..., :size, :size]
+
+
+def centre_crop(x: Tensor, size: int) -> Tensor:
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def input_view(x: Tensor, size: int) -> Tensor:
+    """Stored 28-px uint8 images as a `size`-px recipe sees them without augmentation
+    (validation, precise BN, evaluation): resized to `size` + margin, centre crop."""
+    return centre_crop(enlarge(x, size), size)
+
+
+@functools.cache
+def _autoaugment_policy(policy: str):  # noqa: ANN202 (a torchvision transform)
+    from torchvision.transforms import v2
+
+    return v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+
+
+def autoaugment(x: Tensor, policy: str, gen: torch.Generator) -> Tensor:
+    """torchvision's AutoAugment `policy` (cifar10, imagenet, svhn) on uint8 images, one
+    sub-policy drawn per image. Per image because torchvision applies one draw to a whole
+    batch tensor; its draws come from torch's global generator, so they are seeded from `gen`
+    once per batch. Its cost per epoch is a row of the speed bench."""
+    transform = _autoaugment_policy(policy)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([transform(image) for image in x])
 
 
 def translate(x: Tensor, fraction: float, gen: torch.Generator) -> Tensor:
@@ -164,11 +215,17 @@ def normalise(x: Tensor, mean: float, std: float) -> Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
-def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, std: float) -> Tensor:
-    """uint8 (N,1,H,W) -> normalised float batch, in the seed's order: crop, jitter, hflip,
-    translate, normalise, erase (then cutout). Steps switched off in `cfg` draw nothing."""
+def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, std: float,
+                  size: int = IMAGE_SIDE) -> Tensor:
+    """uint8 (N,1,H,W) -> normalised float (N,1,size,size), in the seed's order: crop (a random
+    `size` window where H is larger: the enlarged frame of a 32-px recipe), AutoAugment, jitter,
+    hflip, translate, normalise, erase (then cutout). Steps switched off draw nothing."""
+    if x.shape[-1] > size:
+        x = random_crop_to(x, size, gen)
     if cfg.crop_pad:
         x = random_crop(x, cfg.crop_pad, gen)
+    if cfg.autoaugment != "none":
+        x = autoaugment(x, cfg.autoaugment, gen)
     x = x.float() / 255.0
     if cfg.jitter and cfg.jitter_p:
         x = jitter(x, cfg.jitter, cfg.jitter_p, gen)

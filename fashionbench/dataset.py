@@ -7,6 +7,8 @@ CLASS_NAMES = (
 CLASSES = len(CLASS_NAMES)
 IMAGE_SIDE = 28                          # px; images are 1 x 28 x 28, uint8
 INPUT_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)
+INPUT_SIZES = (IMAGE_SIDE, 32)           # px a recipe may train at: 32 = resized (CIFAR-sized models)
+RESIZE_MARGIN = 4                        # px: 32 is a random (training) or centre crop of 36
 LIGHT_ON_DARK = True                     # garments bright on a black (0) background
 PIXELS = IMAGE_SIDE * IMAGE_SIDE
 TRAIN_IMAGES = 60_000

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fashionbench.augment import normalise
+from fashionbench.augment import input_view, normalise
 from fashionbench.data import Split, load_prepared
-from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES, INPUT_SHAPE
+from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES, IMAGE_SIDE, INPUT_SHAPE
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
@@ -76,15 +76,17 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- inference
 
 
-def _inputs(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """uint8 (N,H,W) -> normalised float (N,1,H,W) on `device`, as the models were trained."""
-    return normalise(torch.as_tensor(images, device=device).unsqueeze(1), mean, std)
+def _inputs(images: np.ndarray, mean: float, std: float, device: torch.device,
+            size: int = IMAGE_SIDE) -> torch.Tensor:
+    """uint8 (N,28,28) -> normalised float (N,1,size,size) on `device`, as a model trained at
+    `size` px sees images without augmentation."""
+    return normalise(input_view(torch.as_tensor(images, device=device).unsqueeze(1), size), mean, std)
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
                   batch_size: int, device: torch.device, views: tuple[str, ...] = ("plain",),
-                  batch_stats: bool = False) -> np.ndarray:
+                  batch_stats: bool = False, size: int = IMAGE_SIDE) -> np.ndarray:
     """Softmax probabilities (N, classes) float32, averaged over `views` ("plain", "hflip").
 
     `batch_stats` normalises batch-norm layers by each test batch's own statistics instead
@@ -99,7 +101,7 @@ def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
     out = []
     try:
         for start in range(0, len(images), batch_size):
-            x = _inputs(images[start:start + batch_size], mean, std, device)
+            x = _inputs(images[start:start + batch_size], mean, std, device, size)
             probs = sum(model(x.flip(dims=[-1]) if view == "hflip" else x).float().softmax(dim=1)
                         for view in views) / len(views)
             out.append(probs.cpu())
@@ -316,7 +318,9 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run, root, device)
-    norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device}
+    size = meta["input_shape"][-1]
+    norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device,
+            "size": size}
     probs = predict_proba(model, test.images, **norm)
     info: dict = {}
     if cfg.tta and meta.get("hflip", 0.0) > 0:
@@ -334,7 +338,7 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
     if layer is not None:
         idx = one_per_class(test.labels, cfg.gradcam_images)
         pred = probs[idx].argmax(axis=1)
-        x = _inputs(test.images[idx], meta["mean"], meta["std"], device)
+        x = _inputs(test.images[idx], meta["mean"], meta["std"], device, size)
         cams = gradcam(model, layer, x, torch.as_tensor(pred, device=device))
         gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png")
     return probs, info

@@ -184,6 +184,7 @@ class Augment:
     cutout: int
     mixup: float
     cutmix: float
+    autoaugment: Literal["none", "cifar10", "imagenet", "svhn"]  # torchvision's policies
 
     def __post_init__(self) -> None:
         _require(0 <= self.crop_pad <= IMAGE_SIDE // 2, "crop_pad", f"must be in [0, {IMAGE_SIDE // 2}] px")
@@ -205,6 +206,7 @@ class TrainRecipe:
     arch: Any
     epochs: int
     batch_size: int
+    input_size: int
     optimizer: Literal["adamw", "sgd", "ranger"]
     lr: float
     weight_decay: float
@@ -230,12 +232,16 @@ class TrainRecipe:
     eval_batch_size: int
 
     def __post_init__(self) -> None:
-        from fashionbench.models.registry import UnknownModelError, arch_type
+        from fashionbench.models.registry import UnknownModelError, spec
 
         try:
-            arch_cls = arch_type(self.model)
+            model_spec = spec(self.model)
         except UnknownModelError as err:
             raise ParamsError("model", str(err)) from None
+        arch_cls = model_spec.arch
+        _require(self.input_size in model_spec.input_sizes, "input_size",
+                 f"{self.model} takes {' or '.join(map(str, model_spec.input_sizes))} px inputs, "
+                 f"not {self.input_size}")
         if isinstance(self.arch, Mapping):
             object.__setattr__(self, "arch", _build(arch_cls, self.arch, "arch"))
         _require(self.epochs >= 1, "epochs", "must be >= 1")

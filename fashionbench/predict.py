@@ -84,8 +84,9 @@ def load_classifier(path: Path, batch_size: int = 1024) -> Classifier:
         raise PredictError(f"{path} expects {channels}-channel {height}x{width} input; "
                            "predict feeds square grey images")
     cpu = torch.device("cpu")
-    return Classifier(path, height, lambda images: predict_proba(
-        model, images, meta["mean"], meta["std"], batch_size, cpu), "probability")
+    # images are brought to the stored 28 px, then to the model's input as evaluation does
+    return Classifier(path, IMAGE_SIDE, lambda images: predict_proba(
+        model, images, meta["mean"], meta["std"], batch_size, cpu, size=height), "probability")
 
 
 def _svm_classifier(path: Path) -> Classifier:

@@ -38,6 +38,7 @@ SEED_REPORTED = {
     "resnet9": "- (CIFAR-10 lab)", "resnet18": "0.950 (2nd report)", "resnet34": "0.949 (2nd report)",
     "mlp": "0.851 (2nd report)", "mlp512": "~0.896 val (NumPy report)", "wrn": "0.9573 (WRN-40-4)",
     "wrn28": "0.9558 (WRN-28-2)", "se_wrn": "0.9602 (SE-WRN-40-4)", "se_wrn64": "0.9582 (SE-WRN-64-8)",
+    "wrn32": "0.9579 (3rd report; TTA 0.9607)", "wrn32_mish": "0.9601 (3rd report; TTA 0.9621)",
 }
 
 # How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
@@ -49,7 +50,8 @@ SEED_REPORTED = {
 # FlopCounterMode), not measured: one warm-up of ten batches of 256 would take ~20 minutes here.
 NOT_RUN_EPOCH_S = {"resnet7": (480, None), "resnet9": (991, None), "resnet18": (1947, None),
                    "resnet34": (3587, None), "wrn": (5096, 10.4), "wrn28": (1137, None),
-                   "se_wrn": (4027, 9.1), "se_wrn64": (28510, 64.4)}
+                   "se_wrn": (4027, 9.1), "se_wrn64": (28510, 64.4), "wrn32": (6397, None),
+                   "wrn32_mish": (7382, None)}
 NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
 
 

@@ -32,6 +32,7 @@ import torch
 import typer
 
 from fashionbench import distributed
+from fashionbench.augment import enlarge
 from fashionbench.cli import user_errors
 from fashionbench.data import Prepared, load_prepared
 from fashionbench.errors import UserError
@@ -159,6 +160,7 @@ def epoch_seconds(row: str, params: Params, data: Prepared, images: int) -> tupl
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = to_device(data.train, runtime.device)
+    x = enlarge(x, recipe.input_size)
     optimizer = make_optimizer(model, recipe, runtime.device)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(len(y), recipe.batch_size))
     gen = torch.Generator(device=runtime.device).manual_seed(0)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fashionbench.augment import augment_batch, mix_batch, normalise
+from fashionbench.augment import augment_batch, centre_crop, enlarge, input_view, mix_batch, normalise
 from fashionbench.data import Prepared, Split
 from fashionbench.distributed import Group
 from fashionbench.errors import UserError
@@ -211,7 +211,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     start = time.perf_counter()
     for step in range(steps):
         idx = order[step * batch:(step + 1) * batch]
-        x = augment_batch(images[idx], recipe.augment, gen, mean, std)
+        x = augment_batch(images[idx], recipe.augment, gen, mean, std, recipe.input_size)
         y = labels[idx]
         x, target = mix_batch(x, y, recipe.augment, gen)
         x, y, target = group.shard(x), group.shard(y), group.shard(target)
@@ -446,7 +446,11 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         model = model.to(memory_format=torch.channels_last)
     model, forward = distributed.wrap(model, runtime.device, group, recipe.sync_bn)
     train_x, train_y = to_device(train, runtime.device)
-    val_xy = to_device(val, runtime.device) if val is not None and len(val) else None
+    train_x = enlarge(train_x, recipe.input_size)  # a 32-px recipe crops its batches from 36 px
+    val_xy = None
+    if val is not None and len(val):
+        val_x, val_y = to_device(val, runtime.device)
+        val_xy = input_view(val_x, recipe.input_size), val_y
     steps = steps_per_epoch(min(len(train), epoch_images or len(train)), recipe.batch_size)
     optimizer = make_optimizer(model, recipe, runtime.device)
     scheduler = make_scheduler(optimizer, recipe, steps)
@@ -477,7 +481,8 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
                       epoch_images=epoch_images, checkpoint=checkpoint if group.is_main else None,
                       on_epoch=on_epoch, progress=progress and group.is_main, group=group)
         final = ema.model if ema is not None else model
-        bn = _precise_bn(final, train_x, train_y, recipe, runtime, gen, mean, std)
+        bn = _precise_bn(final, centre_crop(train_x, recipe.input_size), train_y, recipe, runtime, gen,
+                         mean, std)
         if run_dir is not None and group.is_main:  # finished: a forced re-run starts from epoch 0
             checkpoint.unlink(missing_ok=True)
             (run_dir / "lock").unlink(missing_ok=True)
@@ -589,7 +594,8 @@ def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir:
     if not distributed.is_main():
         return {}  # rank 0 writes the run's outputs
     save_trained(run_dir / "model.pt", result.model, recipe.model, recipe.arch, mean=data.mean,
-                 std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip)
+                 std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip,
+                 input_size=recipe.input_size)
     last = result.history[-1]
     metrics = {
         "run": f"{row}-seed{seed}", "model": recipe.model,

@@ -7,7 +7,7 @@ from fashionbench import augment
 from fashionbench.params import Augment
 
 ALL_ON = Augment(crop_pad=4, translate=0.1, hflip=0.5, jitter=0.2, jitter_p=0.5, erase_p=0.9,
-                 erase_scale=(0.1, 0.2), cutout=8, mixup=0.4, cutmix=1.0)
+                 erase_scale=(0.1, 0.2), cutout=8, mixup=0.4, cutmix=1.0, autoaugment="cifar10")
 
 
 def batch(dtype=torch.float32):
@@ -79,6 +79,35 @@ def test_augment_batch_normalises_and_is_deterministic():
     assert out.dtype == torch.float32 and out.shape == x.shape and torch.equal(out, again)
     mixed, targets = augment.mix_batch(out, torch.arange(16) % 10, ALL_ON, torch.Generator().manual_seed(0))
     assert mixed.shape == x.shape and targets.shape == (16, 10)
-    plain = Augment(0, 0.0, 0.0, 0.0, 0.0, 0.0, (0.1, 0.2), 0, 0.0, 0.0)
+    plain = Augment(0, 0.0, 0.0, 0.0, 0.0, 0.0, (0.1, 0.2), 0, 0.0, 0.0, "none")
     normalised = augment.augment_batch(x, plain, torch.Generator(), 0.5, 0.25)
     assert torch.allclose(normalised, (x / 255.0 - 0.5) / 0.25)
+
+
+def test_autoaugment_draws_a_sub_policy_per_image_from_the_seeded_generator():
+    same = batch(torch.uint8)[:1].repeat(32, 1, 1, 1)  # 32 copies of one image
+    first = augment.autoaugment(same, "cifar10", torch.Generator().manual_seed(0))
+    again = augment.autoaugment(same, "cifar10", torch.Generator().manual_seed(0))
+    other = augment.autoaugment(same, "cifar10", torch.Generator().manual_seed(1))
+    assert first.shape == same.shape and first.dtype == torch.uint8
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len({bytes(image.numpy()) for image in first}) > 4  # not one draw for the whole batch
+    state = torch.get_rng_state()
+    augment.autoaugment(same, "cifar10", torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global generator is left alone
+
+
+def test_a_32px_recipe_crops_random_windows_of_the_enlarged_frame():
+    x = batch(torch.uint8)
+    frame = augment.enlarge(x, 32)
+    assert frame.shape == (16, 1, 36, 36) and frame.dtype == torch.uint8
+    assert augment.enlarge(x, 28) is x
+    crops = augment.random_crop_to(frame, 32, torch.Generator().manual_seed(0))
+    assert crops.shape == (16, 1, 32, 32)
+    for image, crop in zip(frame, crops):  # each crop is a window of its own image
+        windows = [image[:, i:i + 32, j:j + 32] for i in range(5) for j in range(5)]
+        assert any(torch.equal(crop, w) for w in windows)
+    assert torch.equal(augment.input_view(x, 32), frame[..., 2:34, 2:34])
+    assert torch.equal(augment.input_view(x, 28), x)
+    out = augment.augment_batch(frame, ALL_ON, torch.Generator().manual_seed(0), 0.286, 0.353, size=32)
+    assert out.shape == (16, 1, 32, 32) and out.dtype == torch.float32

@@ -12,6 +12,7 @@ from torch import nn
 
 from fashionbench import evaluate as ev
 from fashionbench.data import Split, save_prepared
+from fashionbench import augment
 from fashionbench.models import build_model, load_trained, save_trained
 from fashionbench.models.cnn import CNNArch
 from fashionbench.models.mlp import MLPArch
@@ -224,6 +225,20 @@ def test_deep_run_writes_every_output(repo):
     assert {p.name for p in plots.iterdir()} == names
     assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in names)
     assert "cnn-seed0: test accuracy" in result.output
+
+
+def test_a_model_trained_at_32_px_is_evaluated_on_the_centre_of_the_enlarged_images(repo):
+    torch.manual_seed(0)
+    model = build_model("resnet7", ARCHS["resnet7"])
+    save_trained(repo / "models/resnet7/seed0/model.pt", model, "resnet7", ARCHS["resnet7"], mean=0.3,
+                 std=0.35, seed=0, epochs=1, hflip=0.0, input_size=32)
+    result = run_stage(["resnet7-seed0"])
+    assert result.exit_code == 0, result.output
+    images = torch.as_tensor(prepared_test_images()).unsqueeze(1)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()((augment.input_view(images, 32).float() / 255 - 0.3) / 0.35), 1)
+    saved = np.load(repo / "predictions/resnet7-seed0.npz")["probs"]
+    np.testing.assert_allclose(saved, expected.numpy(), atol=1e-5)
 
 
 def band_images() -> Split:

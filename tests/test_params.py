@@ -10,7 +10,7 @@ from fashionbench.params import (Augment, ParamsError, TrainRecipe, load_params,
 from tests.conftest import REPO, invoke
 
 DEEP_ROWS = ("cnn", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
-             "se_wrn")
+             "se_wrn", "se_wrn64", "wrn32", "wrn32_mish")
 
 
 def expect_error(params_dict, fragments, key_suffix: str | None = None) -> ParamsError:
@@ -219,6 +219,21 @@ def test_misspelt_key_in_a_plain_section(params_dict):
     params_dict["preprocess"]["vaildation_size"] = params_dict["preprocess"].pop("validation_size")
     error = expect_error(params_dict, "did you mean 'validation_size'")
     assert error.key == "preprocess.vaildation_size"
+
+
+@pytest.mark.parametrize("row, key, value, fragment", [
+    ("cnn", "input_size", 32, "cnn takes 28 px inputs, not 32"),   # a fixed-size fc head
+    ("wrn", "input_size", 30, "wrn takes 28 or 32 px inputs, not 30"),
+    ("wrn", "optimizer", "rangr", "'adamw', 'sgd', 'ranger'"),
+])
+def test_an_impossible_recipe_option_names_the_key(params_dict, row, key, value, fragment):
+    params_dict[row][key] = value
+    expect_error(params_dict, fragment, f"{row}.{key}")
+
+
+def test_an_unknown_autoaugment_policy_names_the_key(params_dict):
+    params_dict["wrn"]["augment"]["autoaugment"] = "cifar100"
+    expect_error(params_dict, ["'none', 'cifar10', 'imagenet', 'svhn'"], "wrn.augment.autoaugment")
 
 
 def test_a_recipe_error_names_the_key_as_written_in_params_yaml(params_dict):

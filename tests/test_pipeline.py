@@ -31,12 +31,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fashionbench.params import load_plan
 from tests.conftest import REAL_SOURCE, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
+DEEP_ROWS = load_plan(REPO / "params.yaml").deep  # every deep row of the repository
 
-DEEP_ROWS = ("cnn", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
-             "se_wrn")
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
                 "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -61,9 +61,10 @@ def tiny_params(raw: dict) -> dict:
     raw["train_defaults"] |= {"precise_bn": 64, "epochs": 1, "device": "cpu"}
     for row in DEEP_ROWS:
         raw[row]["epochs"] = 1
+        if raw[row]["model"] == "wrn" and "depth" in raw[row]["arch"]:  # rows that set their own shape
+            raw[row]["arch"] |= {"depth": 10, "widen": 1}
     raw["mlp"]["epochs"] = MLP_EPOCHS
     raw["resnet7"]["arch"]["width"] = 8
-    raw["wrn28"]["arch"] |= {"depth": 10, "widen": 1}
     for row in ("resnet18", "resnet34"):
         raw[row]["arch"]["blocks"] = [1, 1, 1, 1]
     raw["evaluate"] |= {"device": "cpu", "gallery_size": 4, "gradcam_images": 2}
@@ -392,9 +393,11 @@ def test_model_shape_override_reruns_only_the_wrn_family(experiments, request):
 
     repo, name, done = experiment(experiments, request)
     ran, skipped = stages_ran(done.output), stages_skipped(done.output)
-    assert deep_trains(ran) == {"train_wrn@0", "train_se_wrn@0"}, done.output
-    assert "train_wrn28@0" in skipped, done.output  # its own section sets every shape key
-    assert {"evaluate_wrn@wrn-0", "evaluate_se_wrn@se_wrn-0", "compare"} <= ran, done.output
+    family = ("wrn", "se_wrn", "wrn32", "wrn32_mish")  # the rows that read `model:`
+    assert deep_trains(ran) == {f"train_{row}@0" for row in family}, done.output
+    # their own sections set every shape key
+    assert {"train_wrn28@0", "train_se_wrn64@0"} <= skipped, done.output
+    assert {f"evaluate_{row}@{row}-0" for row in family} | {"compare"} <= ran, done.output
     assert not ran & {"train_svm@rbf", "train_svm@fast", "evaluate_cnn@cnn-0"}, done.output
     assert {"train_cnn@0", "train_svm@rbf", "train_svm@fast"} <= skipped, done.output
 

@@ -131,6 +131,11 @@ def test_a_tiny_run_lowers_the_loss(params_dict):
     ("wrn28", 1, {"epochs": 3, "batch_size": 8,
                   "arch": {"depth": 10, "widen": 1, "dropout": 0.3, "block": "post", "se_reduction": 0,
                            "drop_path": 0.0, "drop_path_mode": "sample", "activation": "mish"}}),
+    # the third report's 32-px recipe: resized, random 32-px crops, AutoAugment, CutMix
+    ("wrn28", 1, {"epochs": 2, "input_size": 32, "precise_bn": 16,
+                  "augment": {"autoaugment": "cifar10", "hflip": 0.5, "erase_p": 0.5, "cutmix": 1.0},
+                  "arch": {"depth": 10, "widen": 1, "dropout": 0.0, "block": "pre", "se_reduction": 0,
+                           "drop_path": 0.0, "drop_path_mode": "sample", "activation": "relu"}}),
     # 4 steps per epoch, Lookahead syncs every 6: the checkpoint falls between two syncs
     ("wrn28", 1, {"epochs": 3, "batch_size": 8, "optimizer": "ranger", "momentum": 0.95,
                   "arch": {"depth": 10, "widen": 1, "dropout": 0.3, "block": "post", "se_reduction": 0,

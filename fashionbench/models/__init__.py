@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashionbench.dataset import CLASSES, INPUT_SHAPE
+from fashionbench.dataset import CLASSES, IMAGE_SIDE, INPUT_SHAPE, INPUT_SIZES
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path
 from fashionbench.models.registry import REGISTRY, spec  # noqa: F401 (REGISTRY re-exported)
@@ -47,13 +47,15 @@ def _plain(arch: Any) -> dict:
 
 
 def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: float, std: float,
-                 seed: int, epochs: int, hflip: float) -> None:
+                 seed: int, epochs: int, hflip: float, input_size: int = IMAGE_SIDE) -> None:
     """Write model.pt (atomically): weights plus everything load_trained and evaluation need
-    (`hflip`: the training flip probability, which decides whether flip TTA is sound)."""
+    (`hflip`: the training flip probability, which decides whether flip TTA is sound;
+    `input_size`: the side in px the model was trained at, recorded in `input_shape`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"model": name, "arch": _plain(arch), "state_dict": state,
-                    "input_shape": list(INPUT_SHAPE), "num_classes": CLASSES, "mean": float(mean),
+                    "input_shape": [INPUT_SHAPE[0], input_size, input_size], "num_classes": CLASSES,
+                    "mean": float(mean),
                     "std": float(std), "seed": int(seed), "epochs": int(epochs),
                     "hflip": float(hflip)}, tmp)
 
@@ -77,10 +79,11 @@ def load_trained(path: Path | str, device: str | torch.device = "cpu") -> tuple[
     except Exception as err:  # truncated or foreign file: any unpickling error
         raise TrainedModelError(f"{path} is not a readable model file ({err}): {rerun}") from err
     meta = {k: v for k, v in saved.items() if k != "state_dict"}
-    if list(meta.get("input_shape", [])) != list(INPUT_SHAPE) or meta.get("num_classes") != CLASSES:
+    shapes = [[INPUT_SHAPE[0], side, side] for side in INPUT_SIZES]
+    if list(meta.get("input_shape", [])) not in shapes or meta.get("num_classes") != CLASSES:
         raise TrainedModelError(
             f"{path} was trained for input {meta.get('input_shape')} and {meta.get('num_classes')} "
-            f"classes, not {list(INPUT_SHAPE)} and {CLASSES}: {rerun}")
+            f"classes, not one of {shapes} and {CLASSES}: {rerun}")
     try:
         model = build_model(meta["model"], meta["arch"])
         model.load_state_dict(saved["state_dict"])

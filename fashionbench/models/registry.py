@@ -15,6 +15,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from fashionbench.dataset import IMAGE_SIDE, INPUT_SIZES
 from fashionbench.errors import UserError
 
 
@@ -25,19 +26,20 @@ class ModelSpec:
     build: Callable[..., Any]        # (arch, in_channels, num_classes) -> nn.Module
     summary: Callable[[Any], str]    # one line for tables, e.g. "WRN-40-4 post-act"
     shared: str | None = None        # a params.yaml section merged under `arch:` (WRN: `model`)
+    input_sizes: tuple[int, ...] = (IMAGE_SIDE,)  # image sides it takes: a fixed-size head, 28 only
 
 
 REGISTRY: dict[str, ModelSpec] = {}
 _loaded = False
 
 
-def register(name: str, arch: type, *, summary: Callable[[Any], str],
-             shared: str | None = None) -> Callable[[type], type]:
+def register(name: str, arch: type, *, summary: Callable[[Any], str], shared: str | None = None,
+             input_sizes: tuple[int, ...] = (IMAGE_SIDE,)) -> Callable[[type], type]:
     """Class decorator: make model class `cls` buildable as `name` from an `arch` dataclass."""
     def add(cls: type) -> type:
         if name in REGISTRY and REGISTRY[name].build is not cls:
             raise ValueError(f"model {name!r} is registered twice")
-        REGISTRY[name] = ModelSpec(name, arch, cls, summary, shared)
+        REGISTRY[name] = ModelSpec(name, arch, cls, summary, shared, input_sizes)
         return cls
     return add
 

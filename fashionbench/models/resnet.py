@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -44,7 +45,8 @@ class BasicBlock(nn.Module):
         return self.relu(self.shortcut(x) + self.branch(x))
 
 
-@register("resnet", ResNetArch, summary=lambda a: f"ResNet-{_depth(a)}, 3x3 stem, dropout {a.dropout:g}")
+@register("resnet", ResNetArch, summary=lambda a: f"ResNet-{_depth(a)}, 3x3 stem, dropout {a.dropout:g}",
+          input_sizes=INPUT_SIZES)
 class ResNet(nn.Module):
     """3x3 stem (64), four stages of basic blocks at 28, 14, 7, 4 px, global average pool,
     dropout, fc. The ImageNet 7x7 stride-2 stem and max-pool would leave a 1x1 map at 28x28."""
@@ -85,7 +87,7 @@ class _Residual(nn.Module):
         return x + self.branch(x)
 
 
-@register("resnet9", ResNet9Arch, summary=lambda a: f"ResNet-9, fc 512-{a.hidden}-10")
+@register("resnet9", ResNet9Arch, summary=lambda a: f"ResNet-9, fc 512-{a.hidden}-10", input_sizes=INPUT_SIZES)
 class ResNet9(nn.Module):
     """conv64, conv128+pool, res128 x2, conv256+pool, conv512+pool, res512 x2, pool, fc.
     The lab's final MaxPool2d(4) turns CIFAR's 4x4 map into 1x1; at 28x28 the map is 3x3

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -37,7 +38,7 @@ class ResidualBlock(nn.Module):
         return self.relu(x + self.branch(x))
 
 
-@register("resnet7", ResNet7Arch, summary=lambda a: f"ResNet-7, width {a.width}")
+@register("resnet7", ResNet7Arch, summary=lambda a: f"ResNet-7, width {a.width}", input_sizes=INPUT_SIZES)
 class ResNet7(nn.Module):
     """conv-bn-relu, block, maxpool, conv-bn-relu, block, global average pool, fc.
 

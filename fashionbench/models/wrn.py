@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -116,7 +117,7 @@ class Block(nn.Module):
         return out if self.post_act is None else self.post_act(out)
 
 
-@register("wrn", WRNConfig, summary=_summary, shared="model")
+@register("wrn", WRNConfig, summary=_summary, shared="model", input_sizes=INPUT_SIZES)
 class WideResNet(nn.Module):
     """WRN-depth-widen (depth = 6n + 4): a 3x3 stem of 16 channels, three stages of n blocks
     with 16k, 32k and 64k channels (strides 1, 2, 2: 28 -> 14 -> 7), global pool and fc.
