@@ -61,6 +61,7 @@ def tiny_params(raw: dict) -> dict:
     raw["train_defaults"] |= {"precise_bn": 64, "epochs": 1, "device": "cpu"}
     for row in DEEP_ROWS:
         raw[row]["epochs"] = 1
+        raw[row].pop("warmup_epochs", None)  # a one-epoch run has no room for a warmup
         if raw[row]["model"] == "wrn" and "depth" in raw[row]["arch"]:  # rows that set their own shape
             raw[row]["arch"] |= {"depth": 10, "widen": 1}
     raw["mlp"]["epochs"] = MLP_EPOCHS
