@@ -319,10 +319,10 @@ def main(images: int = typer.Option(512, help="timed training images per WRN row
     common = {"params": str(params), "images": images}
     first = _spawn({**common, "model": "cnn", "loop": "engine", "batch": 128, "precision": "default"})
     cuda = str(first.get("device", "")).startswith("cuda")
-    per_device = CUDA_IMAGES if cuda else 1
+    device = torch.device("cuda" if cuda else "cpu")
     print(f"device: {first.get('device')}, host: {platform.processor() or platform.machine()}, "
-          f"{first.get('threads')} threads; {images * per_device} timed images per WRN row, "
-          f"{8 * images * per_device} per CNN row")
+          f"{first.get('threads')} threads; {_timed_images(common | {'model': 'wrn'}, device)} timed "
+          f"images per WRN row, {_timed_images(common | {'model': 'cnn'}, device)} per CNN row")
     models = CUDA_MODELS if cuda else MODELS
     if only_switches:
         bare, peak = {}, _peak(common)
