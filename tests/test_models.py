@@ -14,7 +14,7 @@ from fashionbench.models.mlp import MLPArch
 from fashionbench.models.registry import UnknownModelError, register, spec
 from fashionbench.models.resnet7 import ResNet7Arch
 from fashionbench.models.resnet import ResNet9Arch, ResNetArch
-from fashionbench.models.wrn import SqueezeExcite, WRNConfig
+from fashionbench.models.wrn import Block, SqueezeExcite, WRNConfig
 from fashionbench.params import ParamsError, load_params, params_from_dict
 from tests.conftest import REPO
 
@@ -109,6 +109,32 @@ def test_sample_drop_path_is_random_in_training_only():
     torch.manual_seed(0)
     assert not torch.equal(model.train()(x), model(x))
     assert torch.equal(model.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("block", ["pre", "post"])
+def test_batch_drop_path_skips_the_block_alike_compiled_and_eager(monkeypatch, block):
+    """Under torch.compile the block skip is a device-side mask, not a host branch (which would
+    break CUDA graphs): a dropped block still returns its input, a kept one its full output."""
+    cfg = WRNConfig(10, 1, 0.0, block, 4, 0.5, "batch", "relu")
+    x = torch.randn(8, 16, 7, 7).relu()  # a post block's input is a ReLU output
+    outputs = {}
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        for rate in (1 - 1e-7, 1e-7):   # the coin all but surely drops, then keeps, the block
+            torch.manual_seed(0)
+            layer = Block(16, 16, 1, cfg, rate).train()
+            outputs[compiling, rate] = layer(x)
+    assert torch.equal(outputs[False, 1 - 1e-7], x) and torch.equal(outputs[True, 1 - 1e-7], x)
+    assert torch.allclose(outputs[False, 1e-7], outputs[True, 1e-7])
+    assert not torch.allclose(outputs[True, 1e-7], x)
+
+
+def test_a_training_wrn_compiles_to_one_graph():
+    """A graph break (e.g. a host-side branch on a random draw) splits the compiled step and
+    disables CUDA graphs: an SE-WRN with block skip must trace whole."""
+    model = build_model("wrn", WRNConfig(16, 1, 0.0, "pre", 4, 0.5, "batch", "relu")).train()
+    explained = torch._dynamo.explain(model)(torch.randn(4, 1, 28, 28))
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 # ---------------------------------------------------------------- registering a model

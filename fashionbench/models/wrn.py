@@ -103,13 +103,18 @@ class Block(nn.Module):
             self.shortcut = nn.Sequential(*projection, *([] if self.pre else [nn.BatchNorm2d(cout)]))
 
     def forward(self, x: Tensor) -> Tensor:
-        # A host-side coin from the seeded CPU generator: skipping costs no device sync.
-        if self.training and self.per_batch and self.drop_path and float(torch.rand(())) < self.drop_path:
+        skip_batch = self.training and self.per_batch and self.drop_path
+        # Eager: a host-side coin from the seeded CPU generator skips the block's arithmetic
+        # with no device sync. Compiled: a host branch breaks the graph (and CUDA graphs), so
+        # the coin is drawn on the device and masks the branch (the same block output for ReLU).
+        if skip_batch and not torch.compiler.is_compiling() and float(torch.rand(())) < self.drop_path:
             return x
         a = self.pre_act(x) if self.pre_act is not None else x
         # Pre-activation projections see the activated input (as in the WRN paper's code).
         skip = x if self.shortcut is None else self.shortcut(a)
         out = self.branch(a)
+        if skip_batch and torch.compiler.is_compiling():
+            out = out * (torch.rand((), device=out.device) >= self.drop_path).to(out.dtype)
         if self.training and not self.per_batch and self.drop_path:
             keep = 1.0 - self.drop_path
             out = out * out.new_empty(out.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
