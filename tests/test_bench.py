@@ -1,8 +1,11 @@
 """The speed bench's ceiling rows: the matmul rate and the bare training step (timings are
 measured by `python -m bench.train_speed`, never asserted here)."""
 
+import time
+
 import torch
 
+from bench import profile as bench_profile
 from bench import train_speed as bench
 from fashionbench.models import build_model
 from fashionbench.models.cnn import CNNArch
@@ -27,3 +30,19 @@ def test_bare_step_trains_the_model_on_resident_tensors():
 def test_fraction_of_a_ceiling():
     assert bench._fraction(50.0, 200.0) == "25%"
     assert bench._fraction(50.0, None) == "-"
+
+
+def test_profile_rows_rank_operators_and_the_time_outside_them():
+    a = torch.randn(256, 256)
+
+    def run():
+        for _ in range(20):
+            a @ a
+        time.sleep(0.05)  # no operator runs: counted outside
+
+    wall, rows = bench_profile.profile_rows(run)
+    seconds = dict((name, s) for name, s, _ in rows)
+    assert seconds[bench_profile.OUTSIDE] >= 0.04 and "aten::mm" in seconds
+    assert [s for _, s, _ in rows] == sorted((s for _, s, _ in rows), reverse=True)
+    table = bench_profile.markdown("engine", wall, rows, top=2)
+    assert table.count("\n| `") == 2 and "of wall" in table

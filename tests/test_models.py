@@ -60,6 +60,8 @@ def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
 
 @pytest.mark.parametrize("name, arch, expected", [
     ("cnn", CNNArch(0.5), 824_458),
+    ("cnn", CNNArch(0.3, (32, 64), 1, True, 256), 824_554),       # + batch norm: 2 x 96
+    ("cnn", CNNArch(0.3, (32, 64, 128), 2, True, 128), 435_754),
     ("resnet7", ResNet7Arch(64), 186_442),
     ("mlp", MLPArch((128,), 0.0), 101_770),
     ("wrn", WRNConfig(28, 2, 0.5, "post", 0, 0.0, "sample", "relu"), 1_467_770),
@@ -77,7 +79,7 @@ def test_parameter_counts_are_pinned(name, arch, expected):
 
 
 @pytest.mark.parametrize("row, expected", [
-    ("cnn", 824_458), ("resnet7", 186_442), ("mlp", 101_770), ("wrn", 8_949_818), ("se_wrn", 9_016_290),
+    ("cnn", 824_458), ("speedrun_cpu", 824_458), ("resnet7", 186_442), ("mlp", 101_770), ("wrn", 8_949_818), ("se_wrn", 9_016_290),
     ("resnet9", 6_633_802), ("resnet18", 11_172_810), ("resnet34", 21_280_970),
     ("mlp512", 784 * 512 + 512 + 512 * 128 + 128 + 128 * 10 + 10), ("wrn28", 1_467_770),
 ])
@@ -268,6 +270,18 @@ def test_a_truncated_model_file_is_named_with_the_stage_to_rerun(tmp_path):
     message = str(caught.value)
     assert str(path) in message and "not a readable model file" in message
     assert "dvc repro train_cnn" in message
+
+
+def test_a_cnn_file_saved_before_the_shape_options_loads_as_the_seed_cnn(tmp_path):
+    path = tmp_path / "models" / "cnn" / "seed0" / "model.pt"
+    torch.manual_seed(0)
+    model = build_model("cnn", CNNArch(0.5))
+    save(path, model, "cnn", CNNArch(0.5))
+    saved = torch.load(path, weights_only=True)
+    torch.save(saved | {"arch": {"dropout": 0.5}}, path)  # the record before widths, convs, ...
+    loaded = load_trained(path)[0]
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_a_model_for_other_inputs_names_the_stage_to_rerun(tmp_path):

@@ -9,7 +9,7 @@ from fashionbench.params import (Augment, ParamsError, TrainRecipe, load_params,
                                  params_from_dict)
 from tests.conftest import REPO, invoke
 
-DEEP_ROWS = ("cnn", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
+DEEP_ROWS = ("cnn", "speedrun_cpu", "resnet7", "resnet9", "resnet18", "resnet34", "mlp", "mlp512", "wrn", "wrn28",
              "se_wrn", "se_wrn64", "wrn32", "wrn32_mish")
 
 
@@ -90,7 +90,7 @@ def test_the_wrn_rows_read_the_shared_model_section(params_dict):
 
 
 def test_any_section_naming_a_model_is_a_deep_row(params_dict):
-    params_dict["cnn_wide"] = {"model": "cnn", "arch": {"dropout": 0.25}, "epochs": 3}
+    params_dict["cnn_wide"] = {"model": "cnn", "arch": {**params_dict["cnn"]["arch"], "dropout": 0.25}, "epochs": 3}
     params_dict["seeds"]["cnn_wide"] = [0]
     params = params_from_dict(params_dict)
     assert params.recipes["cnn_wide"].arch.dropout == 0.25
@@ -177,7 +177,7 @@ def test_quick_must_be_a_boolean(params_dict):
 
 def test_unknown_row_in_recipe_lists_the_rows(params_dict):
     params = params_from_dict(params_dict)
-    with pytest.raises(ParamsError, match=r"vgg.*deep rows: cnn, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn"):
+    with pytest.raises(ParamsError, match=r"vgg.*deep rows: cnn, speedrun_cpu, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn"):
         params.recipe("vgg")
 
 
@@ -229,6 +229,15 @@ def test_misspelt_key_in_a_plain_section(params_dict):
 def test_an_impossible_recipe_option_names_the_key(params_dict, row, key, value, fragment):
     params_dict[row][key] = value
     expect_error(params_dict, fragment, f"{row}.{key}")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("widths", [32, 64, 128, 256], "1 to 3 stage widths"),   # 28 px halves four times: 1 px
+    ("convs", 0, "must be >= 1"),
+])
+def test_an_impossible_cnn_shape_names_the_key(params_dict, key, value, fragment):
+    params_dict["speedrun_cpu"]["arch"][key] = value
+    expect_error(params_dict, fragment, f"speedrun_cpu.arch.{key}")
 
 
 def test_an_unknown_autoaugment_policy_names_the_key(params_dict):
@@ -363,7 +372,7 @@ def test_load_plan_gives_rows_seeds_and_epochs(write_params):
     def edit(raw):
         raw["seeds"] = {row: [0, 7] for row in raw["seeds"]} | {"cnn_small": [3]}
         raw["quick"] = True
-        raw["cnn_small"] = {"model": "cnn", "arch": {"dropout": 0.1}}  # epochs from train_defaults
+        raw["cnn_small"] = {"model": "cnn", "arch": {**raw["cnn"]["arch"], "dropout": 0.1}}  # epochs from train_defaults
     plan = load_plan(write_params(edit))
     raw = load_params(write_params(edit))
     assert plan.quick is True and plan.seeds == {row: (0, 7) for row in DEEP_ROWS} | {"cnn_small": (3,)}

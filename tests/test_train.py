@@ -424,5 +424,5 @@ def test_train_stage_rejects_an_unknown_row(workdir):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "vgg" in lines[0] and "cnn, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn" in lines[0]
+    assert "vgg" in lines[0] and "cnn, speedrun_cpu, resnet7, resnet9, resnet18, resnet34, mlp, mlp512, wrn, wrn28, se_wrn" in lines[0]
     assert not (root / "models").exists() and not (root / "metrics").exists()
