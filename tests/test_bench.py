@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from bench import profile as bench_profile
+from bench import op_profile as bench_profile
 from bench import train_speed as bench
 from fashionbench.models import build_model
 from fashionbench.models.cnn import CNNArch
@@ -32,17 +32,20 @@ def test_fraction_of_a_ceiling():
     assert bench._fraction(50.0, None) == "-"
 
 
-def test_profile_rows_rank_operators_and_the_time_outside_them():
-    a = torch.randn(256, 256)
+def test_profile_rows_rank_events_by_self_time_and_the_time_outside_them():
+    a = torch.randn(1024, 1024)
 
     def run():
-        for _ in range(20):
-            a @ a
-        time.sleep(0.05)  # no operator runs: counted outside
+        with torch.profiler.record_function("annotated"):
+            for _ in range(10):
+                a @ a
+            time.sleep(0.05)  # Python inside an annotated region: that region's self time
+        time.sleep(0.05)      # no event at all: outside
 
     wall, rows = bench_profile.profile_rows(run)
     seconds = dict((name, s) for name, s, _ in rows)
-    assert seconds[bench_profile.OUTSIDE] >= 0.04 and "aten::mm" in seconds
+    assert seconds["annotated"] >= 0.04 and seconds[bench_profile.OUTSIDE] >= 0.04
+    assert seconds["annotated"] < 0.05 + 0.5 * seconds["aten::mm"]  # self time: not the matmuls again
     assert [s for _, s, _ in rows] == sorted((s for _, s, _ in rows), reverse=True)
     table = bench_profile.markdown("engine", wall, rows, top=2)
     assert table.count("\n| `") == 2 and "of wall" in table

@@ -60,7 +60,7 @@ def test_small_variants_map_a_batch_to_ten_finite_logits(name, arch):
 
 @pytest.mark.parametrize("name, arch, expected", [
     ("cnn", CNNArch(0.5), 824_458),
-    ("cnn", CNNArch(0.3, (32, 64), 1, True, 256), 824_554),       # + batch norm: 2 x 96
+    ("cnn", CNNArch(0.3, (32, 64), 1, True, 256), 824_554),       # BN +192, conv biases -96
     ("cnn", CNNArch(0.3, (32, 64, 128), 2, True, 128), 435_754),
     ("resnet7", ResNet7Arch(64), 186_442),
     ("mlp", MLPArch((128,), 0.0), 101_770),
@@ -114,14 +114,17 @@ def test_sample_drop_path_is_random_in_training_only():
 
 
 @pytest.mark.parametrize("block", ["pre", "post"])
-def test_batch_drop_path_skips_the_block_alike_compiled_and_eager(monkeypatch, block):
-    """Under torch.compile the block skip is a device-side mask, not a host branch (which would
-    break CUDA graphs): a dropped block still returns its input, a kept one its full output."""
-    cfg = WRNConfig(10, 1, 0.0, block, 4, 0.5, "batch", "relu")
-    x = torch.randn(8, 16, 7, 7).relu()  # a post block's input is a ReLU output
+@pytest.mark.parametrize("activation", ["relu", "mish"])
+def test_batch_drop_path_skips_the_block_alike_compiled_and_eager(monkeypatch, block, activation):
+    """Under torch.compile the block skip is a device-side select, not a host branch (which
+    would break CUDA graphs): a dropped block still returns its input, a kept one its output."""
+    from fashionbench.models import wrn
+
+    cfg = WRNConfig(10, 1, 0.0, block, 4, 0.5, "batch", activation)
+    x = torch.randn(8, 16, 7, 7)
     outputs = {}
     for compiling in (False, True):
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        monkeypatch.setattr(wrn, "_compiling", lambda c=compiling: c)
         for rate in (1 - 1e-7, 1e-7):   # the coin all but surely drops, then keeps, the block
             torch.manual_seed(0)
             layer = Block(16, 16, 1, cfg, rate).train()
@@ -131,10 +134,11 @@ def test_batch_drop_path_skips_the_block_alike_compiled_and_eager(monkeypatch, b
     assert not torch.allclose(outputs[True, 1e-7], x)
 
 
-def test_a_training_wrn_compiles_to_one_graph():
+@pytest.mark.parametrize("block", ["pre", "post"])
+def test_a_training_wrn_compiles_to_one_graph(block):
     """A graph break (e.g. a host-side branch on a random draw) splits the compiled step and
-    disables CUDA graphs: an SE-WRN with block skip must trace whole."""
-    model = build_model("wrn", WRNConfig(16, 1, 0.0, "pre", 4, 0.5, "batch", "relu")).train()
+    disables CUDA graphs: a WRN with block skip must trace whole."""
+    model = build_model("wrn", WRNConfig(16, 1, 0.0, block, 4, 0.5, "batch", "relu")).train()
     explained = torch._dynamo.explain(model)(torch.randn(4, 1, 28, 28))
     assert explained.graph_break_count == 0, explained.break_reasons
 

@@ -81,7 +81,9 @@ class Block(nn.Module):
           (the seed's SE-WRN: dropout between the convs).
     act is ReLU or Mish (`activation`). The residual branch is dropped with probability `drop_path` in training: per image and
     rescaled by 1/keep ("sample"), or for the whole batch by returning x unchanged ("batch",
-    the seed's block skip, only used on blocks whose input and output shapes agree).
+    the seed's block skip, only used on blocks whose input and output shapes agree). Under
+    torch.compile a skipped block still runs (its output is discarded): its batch norms update
+    their running statistics and its weights get zero gradients, so AdamW still decays them.
     """
 
     def __init__(self, cin: int, cout: int, stride: int, cfg: WRNConfig, drop_path: float):
@@ -106,20 +108,27 @@ class Block(nn.Module):
         skip_batch = self.training and self.per_batch and self.drop_path
         # Eager: a host-side coin from the seeded CPU generator skips the block's arithmetic
         # with no device sync. Compiled: a host branch breaks the graph (and CUDA graphs), so
-        # the coin is drawn on the device and masks the branch (the same block output for ReLU).
-        if skip_batch and not torch.compiler.is_compiling() and float(torch.rand(())) < self.drop_path:
+        # the block runs and a coin drawn on the device selects x instead of its output.
+        compiling = _compiling()
+        if skip_batch and not compiling and float(torch.rand(())) < self.drop_path:
             return x
         a = self.pre_act(x) if self.pre_act is not None else x
         # Pre-activation projections see the activated input (as in the WRN paper's code).
         skip = x if self.shortcut is None else self.shortcut(a)
         out = self.branch(a)
-        if skip_batch and torch.compiler.is_compiling():
-            out = out * (torch.rand((), device=out.device) >= self.drop_path).to(out.dtype)
         if self.training and not self.per_batch and self.drop_path:
             keep = 1.0 - self.drop_path
             out = out * out.new_empty(out.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
         out = skip + out
-        return out if self.post_act is None else self.post_act(out)
+        out = out if self.post_act is None else self.post_act(out)
+        if skip_batch and compiling:
+            out = torch.where(torch.rand((), device=out.device) < self.drop_path, x, out)
+        return out
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces this code (one place for tests to patch)."""
+    return torch.compiler.is_compiling()
 
 
 @register("wrn", WRNConfig, summary=_summary, shared="model", input_sizes=INPUT_SIZES)
