@@ -22,7 +22,7 @@ import torch
 import typer
 from torch.profiler import ProfilerActivity, profile
 
-from bench.train_speed import _engine_images_per_s, _setup, _timed_images
+from bench.train_speed import _setup, loop_images_per_s
 
 OUTSIDE = "outside any profiled event"
 
@@ -47,15 +47,7 @@ def profile_loop(loop: str, model: str, images: int, params: Path) -> tuple[floa
     spec = {"params": str(params), "model": model, "loop": loop, "batch": 128, "images": images,
             "precision": "fp32", "device": "cpu", "channels_last": True}
     net, recipe, runtime, train = _setup(spec)
-    n = _timed_images(spec, runtime.device)
-    if loop == "engine":
-        return profile_rows(lambda: _engine_images_per_s(net, recipe, runtime, train, n, None))
-    from bench.reference import reference_images_per_s
-
-    keep = n + 4 * spec["batch"]
-    return profile_rows(lambda: reference_images_per_s(
-        net, train.images[:keep], train.labels[:keep], spec["batch"], steps=n // spec["batch"],
-        augment=model != "cnn", device=runtime.device))
+    return profile_rows(lambda: loop_images_per_s(spec, net, recipe, runtime, train))
 
 
 def markdown(loop: str, wall: float, rows: list[tuple[str, float, int]], top: int) -> str:

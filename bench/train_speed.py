@@ -82,21 +82,26 @@ def run_row(spec: dict) -> dict:
     model, recipe, runtime, train = _setup(spec)
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     flops = _train_flops_per_image(model, runtime)
-    n = _timed_images(spec, runtime.device)
-    if spec["loop"] == "reference":
-        from bench.reference import reference_images_per_s
-
-        keep = n + 4 * spec["batch"]  # the timed steps plus the warm-up ones
-        ips = reference_images_per_s(model, train.images[:keep], train.labels[:keep],
-                                     spec["batch"], steps=n // spec["batch"],
-                                     augment=spec["model"] != "cnn", device=runtime.device)
-    else:
-        ips = _engine_images_per_s(model, recipe, runtime, train, n, spec.get("compile"))
+    ips = loop_images_per_s(spec, model, recipe, runtime, train)
     peak_device = torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else 0.0
     return {"images_per_s": ips, "gflop_per_s": ips * flops / 1e9,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_device_mib": peak_device, "device": runtime.describe(),
             "threads": torch.get_num_threads()}
+
+
+def loop_images_per_s(spec: dict, model, recipe, runtime: Runtime, train: Split) -> float:
+    """Train `model` with the row's loop (the seed-style "reference" or the "engine") on its
+    timed images; its images/s."""
+    n = _timed_images(spec, runtime.device)
+    if spec["loop"] == "engine":
+        return _engine_images_per_s(model, recipe, runtime, train, n, spec.get("compile"))
+    from bench.reference import reference_images_per_s
+
+    keep = n + 4 * spec["batch"]  # the timed steps plus the warm-up ones
+    return reference_images_per_s(model, train.images[:keep], train.labels[:keep], spec["batch"],
+                                  steps=n // spec["batch"], augment=spec["model"] != "cnn",
+                                  device=runtime.device)
 
 
 def _timed_images(spec: dict, device: torch.device) -> int:
