@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fashionbench.dataset import IMAGE_SIDE, RESIZE_MARGIN
+from fashionbench.dataset import RESIZE_MARGIN
 from fashionbench.params import Augment
 
 
@@ -55,8 +55,14 @@ def random_crop(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
     return shift(x, dy, dx)
 
 
+def as_nchw(images: Tensor) -> Tensor:
+    """Stored images as a batch (N, C, H, W): grey (N, H, W) gains its channel; colour
+    (N, H, W, C) becomes a channels-last view, no copy."""
+    return images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+
+
 def enlarge(x: Tensor, size: int) -> Tensor:
-    """uint8 images stored at 28 px -> bilinear-resized to `size` + RESIZE_MARGIN px, the frame
+    """uint8 images as stored (e.g. 28 px) -> bilinear-resized to `size` + RESIZE_MARGIN px, the frame
     a `size`-px recipe crops from; unchanged when `size` is the stored side."""
     if size == x.shape[-1]:
         return x
@@ -79,7 +85,7 @@ def centre_crop(x: Tensor, size: int) -> Tensor:
 
 
 def input_view(x: Tensor, size: int) -> Tensor:
-    """Stored 28-px uint8 images as a `size`-px recipe sees them without augmentation
+    """Stored uint8 images as a `size`-px recipe sees them without augmentation
     (validation, precise BN, evaluation): resized to `size` + margin, centre crop."""
     return centre_crop(enlarge(x, size), size)
 
@@ -216,11 +222,11 @@ def normalise(x: Tensor, mean: float, std: float) -> Tensor:
 
 
 def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, std: float,
-                  size: int = IMAGE_SIDE) -> Tensor:
-    """uint8 (N,1,H,W) -> normalised float (N,1,size,size), in the seed's order: crop (a random
+                  size: int = 0) -> Tensor:
+    """uint8 (N,C,H,W) -> normalised float (N,C,size,size), in the seed's order: crop (a random
     `size` window where H is larger: the enlarged frame of a 32-px recipe), AutoAugment, jitter,
     hflip, translate, normalise, erase (then cutout). Steps switched off draw nothing."""
-    if x.shape[-1] > size:
+    if size and x.shape[-1] > size:
         x = random_crop_to(x, size, gen)
     if cfg.crop_pad:
         x = random_crop(x, cfg.crop_pad, gen)

@@ -1,6 +1,7 @@
 """SVM features (raw pixels, HOG, PCA) and fitting: exact libsvm or a fast Nystroem kernel solver.
 
-A fitted model is one scikit-learn Pipeline that takes uint8 images (N, 28, 28):
+A fitted model is one scikit-learn Pipeline that takes uint8 images as stored ((N, 28, 28) for
+Fashion-MNIST):
 
     FeatureMap -> StandardScaler (optional) -> SVC (solver: libsvm) | NystroemKRR (solver: nystroem)
 
@@ -92,6 +93,8 @@ def _hog_threaded(images: np.ndarray, cell: int, block: int,
         pixels = images[start:start + chunk] / 255.0
         if pixel_scaler is not None:
             pixels = pixel_scaler.transform(pixels.reshape(len(pixels), -1)).reshape(pixels.shape)
+        if pixels.ndim == 4:  # colour (N, H, W, C): HOG of the channels' mean
+            pixels = pixels.mean(axis=-1)
         return hog_batch(pixels, cell, block)
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -157,7 +160,7 @@ class FeatureMap(TransformerMixin, BaseEstimator):
         return features
 
     def transform(self, images: np.ndarray) -> np.ndarray:
-        """(N, 28, 28) uint8 -> (N, D) features."""
+        """Stored uint8 images (N, H, W[, C]) -> (N, D) features."""
         return self._join([self._block(name, images) for name in self.names_])
 
     def _join(self, blocks: list[np.ndarray]) -> np.ndarray:

@@ -1,11 +1,14 @@
-"""Fashion-MNIST files: fetching, verification, IDX parsing, splits and the prepared arrays."""
+"""Dataset files: fetching, verification, IDX and CIFAR-10 parsing, splits and the prepared arrays."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import pickle
 import shutil
+import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -14,23 +17,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fashionbench.dataset import FILES, IMAGE_SIDE
+from fashionbench.dataset import CIFAR_TEST, CIFAR_TRAIN, FASHION_MNIST, IDX_FILES, Dataset
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, write_json
 from fashionbench.params import Sizes
 
-HOW_TO_GET = (
-    "To get the data: install Debian's package (apt-get install dataset-fashion-mnist), "
-    "or allow access to the official mirror, or put the four official files (.gz or not) "
-    "in a directory and list it first under download.sources in params.yaml."
-)
+
+def how_to_get(dataset: Dataset) -> str:
+    files = dataset.archive or f"the {len(dataset.files)} official files (.gz or not)"
+    debian = " install Debian's package (apt-get install dataset-fashion-mnist), or" \
+        if dataset is FASHION_MNIST else ""
+    return (f"To get the data:{debian} allow access to one of {dataset.name}'s mirrors, or put "
+            f"{files} in a directory and list it under download.sources in params.yaml.")
 
 
 class DataError(UserError):
     """The data is missing, corrupt or unreadable; the message says which file and what to do."""
 
 
-# ---------------------------------------------------------------- IDX
+# ---------------------------------------------------------------- IDX and CIFAR-10 formats
 
 
 def parse_idx(content: bytes, name: str = "IDX file") -> np.ndarray:
@@ -51,8 +56,54 @@ def parse_idx(content: bytes, name: str = "IDX file") -> np.ndarray:
     return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's batches are Python pickles; this unpickler builds numpy arrays and plain
+    values only, so a foreign file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 hold bytes
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's protocol)
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+        return super().find_class(module, name)
+
+
+def _unpickle(content: bytes, name: str) -> dict:
+    try:
+        loaded = _ArraysOnly(io.BytesIO(content), encoding="bytes").load()
+    except Exception as err:  # any unpickling failure means the same thing: not a CIFAR batch
+        raise DataError(f"{name}: not a CIFAR-10 batch file ({type(err).__name__}: {err})") from None
+    if not isinstance(loaded, dict):
+        raise DataError(f"{name}: not a CIFAR-10 batch file (no dictionary inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in loaded.items()}
+
+
+def parse_cifar_batch(content: bytes, name: str, side: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR-10 batch (Python pickle of `data`: N x 3*side*side uint8 rows, channel planes in
+    order R, G, B, and `labels`) -> images (N, side, side, 3) uint8, labels (N,) int64."""
+    batch = _unpickle(content, name)
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    except KeyError as err:
+        raise DataError(f"{name}: not a CIFAR-10 batch file (no {err} entry)") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side or len(data) != len(labels):
+        raise DataError(f"{name}: data {data.dtype} {data.shape} for {len(labels)} labels, "
+                        f"expected uint8 (N, {3 * side * side}): the file is corrupt")
+    return data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1).copy(), labels
+
+
+def parse_cifar_meta(content: bytes, name: str = "batches.meta") -> tuple[str, ...]:
+    """The class names in a CIFAR-10 batches.meta file."""
+    try:
+        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(content, name)["label_names"])
+    except KeyError:
+        raise DataError(f"{name}: not a CIFAR-10 meta file (no label_names)") from None
+
+
 def decompress(content: bytes, name: str) -> bytes:
-    """Raw IDX bytes from a gzip or plain file."""
+    """Raw bytes from a gzip or plain file."""
     if content[:2] != b"\x1f\x8b":
         return content
     try:
@@ -61,13 +112,36 @@ def decompress(content: bytes, name: str) -> bytes:
         raise DataError(f"{name}: gzip stream is truncated or corrupt ({err})") from err
 
 
-def verify(content: bytes, name: str) -> None:
-    """Raise DataError unless `content` is the official decompressed file `name`."""
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != FILES[name]:
-        parse_idx(content, name)  # a structural fault gives the more precise message
-        raise DataError(f"{name}: SHA-256 {digest[:12]}... does not match the official "
-                        f"{FILES[name][:12]}...: the file is corrupt or not Fashion-MNIST")
+def _parse(content: bytes, name: str, dataset: Dataset) -> None:
+    """Raise DataError if `content` is not a well-formed file `name` of `dataset`'s format."""
+    if dataset.layout == "idx":
+        parse_idx(content, name)
+    elif name == "batches.meta":
+        parse_cifar_meta(content, name)
+    else:
+        parse_cifar_batch(content, name, dataset.side)
+
+
+def verify(content: bytes, name: str, dataset: Dataset = FASHION_MNIST, packed: bytes | None = None) -> None:
+    """Raise DataError unless `content` (decompressed) is `dataset`'s official file `name`.
+
+    `packed` is the file as it came (a .gz), which is what MNIST's and KMNIST's published
+    digests are of; a set without published checksums (`idx`) gets structure checks only."""
+    checksum = dataset.files[name]
+    if checksum.sha256 or checksum.md5:
+        algo, expected = ("sha256", checksum.sha256) if checksum.sha256 else ("md5", checksum.md5)
+        digest = hashlib.new(algo, content).hexdigest()
+    elif checksum.md5_gz:
+        if packed is None or packed[:2] != b"\x1f\x8b":
+            raise DataError(f"{name}: {dataset.name} publishes the digest of {name}.gz only: "
+                            "give the official .gz file, not an uncompressed copy")
+        algo, expected, digest = "md5", checksum.md5_gz, hashlib.md5(packed).hexdigest()
+    else:
+        return _parse(content, name, dataset)
+    if digest != expected:
+        _parse(content, name, dataset)  # a structural fault gives the more precise message
+        raise DataError(f"{name}: {algo.upper()} {digest[:12]}... does not match the official "
+                        f"{expected[:12]}...: the file is corrupt or not {dataset.name}")
 
 
 # ---------------------------------------------------------------- fetching
@@ -95,32 +169,83 @@ def _http_get(url: str, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def fetch_file(name: str, sources: tuple[str, ...], timeout: float) -> bytes:
+def fetch_file(name: str, sources: tuple[str, ...], timeout: float, dataset: Dataset = FASHION_MNIST) -> bytes:
     """Verified decompressed content of `name` from the first source that has it intact."""
     failures = []
     for source in sources:
         try:
-            content = decompress(_read_source(source, name, timeout), name)
-            verify(content, name)
+            packed = _read_source(source, name, timeout)
+            content = decompress(packed, name)
+            verify(content, name, dataset, packed)
             return content
         except (OSError, DataError) as err:  # URLError and timeouts are OSErrors
             failures.append(f"  {source}: {err}")
     raise DataError(f"could not get a verified copy of {name}. Sources tried:\n"
-                    + "\n".join(failures) + f"\n{HOW_TO_GET}")
+                    + "\n".join(failures) + f"\n{how_to_get(dataset)}")
 
 
-def download(sources: tuple[str, ...], dest: Path, timeout: float) -> None:
-    """Fetch and verify all four files, then replace `dest` in one step.
+def _archive_members(source: str, dataset: Dataset, timeout: float) -> dict[str, bytes]:
+    """The files of `dataset.archive` from a source: the tarball (a URL base or a directory
+    holding it) or, in a directory, the extracted files themselves."""
+    if "://" not in source:
+        folder = Path(source)
+        for where in (folder, folder / "cifar-10-batches-py"):
+            if all((where / name).is_file() for name in dataset.files):
+                return {name: (where / name).read_bytes() for name in dataset.files}
+        if not (folder / dataset.archive).is_file():
+            raise FileNotFoundError(f"neither {dataset.archive} nor its files in {source}")
+        packed = (folder / dataset.archive).read_bytes()
+    else:
+        packed = _http_get(f"{source.rstrip('/')}/{dataset.archive}", timeout)
+    if hashlib.md5(packed).hexdigest() != dataset.archive_md5:
+        raise DataError(f"{dataset.archive}: MD5 does not match the official {dataset.archive_md5[:12]}...")
+    members = {}
+    with tarfile.open(fileobj=io.BytesIO(packed), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name in dataset.files:
+                members[name] = tar.extractfile(member).read()
+    return members
+
+
+def fetch_archive(sources: tuple[str, ...], timeout: float, dataset: Dataset) -> dict[str, bytes]:
+    """Every verified file of an archived dataset (CIFAR-10), from the first source with all."""
+    failures = []
+    for source in sources:
+        try:
+            members = _archive_members(source, dataset, timeout)
+            for name in dataset.files:
+                if name not in members:
+                    raise DataError(f"{name} is missing")
+                verify(members[name], name, dataset)
+            return members
+        except (OSError, DataError, tarfile.TarError) as err:
+            failures.append(f"  {source}: {err}")
+    raise DataError(f"could not get a verified copy of {dataset.name}. Sources tried:\n"
+                    + "\n".join(failures) + f"\n{how_to_get(dataset)}")
+
+
+def download(sources: tuple[str, ...], dest: Path, timeout: float, dataset: Dataset = FASHION_MNIST) -> None:
+    """Fetch and verify every file of `dataset` from `sources` (none: the dataset's own
+    mirrors), then replace `dest` in one step.
 
     Nothing is written to `dest` unless every file is verified, so a failed run leaves the
     previous data as it was.
     """
     dest = Path(dest)
+    sources = tuple(sources) or dataset.mirrors
+    if not sources:
+        raise DataError(f"{dataset.name} has no mirrors: list the directory holding its files "
+                        "under download.sources in params.yaml")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        for name in FILES:
-            (staging / name).write_bytes(fetch_file(name, sources, timeout))
+        if dataset.archive:
+            for name, content in fetch_archive(sources, timeout, dataset).items():
+                (staging / name).write_bytes(content)
+        else:
+            for name in dataset.files:
+                (staging / name).write_bytes(fetch_file(name, sources, timeout, dataset))
         _swap_in(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -140,24 +265,46 @@ def _swap_in(staging: Path, dest: Path) -> None:
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, IMAGE_SIDE, IMAGE_SIDE) uint8
+    images: np.ndarray  # (N, H, W) grey or (N, H, W, C) colour, uint8 (Dataset.stored_shape)
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def load_raw(raw_dir: Path) -> tuple[Split, Split]:
-    """The official train and test sets from the verified raw directory."""
-    arrays = {}
-    for name in FILES:
+def load_raw(raw_dir: Path, dataset: Dataset = FASHION_MNIST) -> tuple[Split, Split]:
+    """The official train and test sets of `dataset` from its verified raw directory."""
+    contents = {}
+    for name in dataset.files:
         path = Path(raw_dir) / name
         if not path.is_file():
-            raise DataError(f"{path} is missing: run `dvc repro download` first")
-        arrays[name] = parse_idx(path.read_bytes(), name)
-    train = Split(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"].astype(np.int64))
-    test = Split(arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64))
+            raise DataError(f"{path} is missing: run `dvc repro download` first "
+                            f"(data.name is {dataset.name})")
+        contents[name] = path.read_bytes()
+    if dataset.layout == "idx":
+        arrays = {name: parse_idx(contents[name], name) for name in IDX_FILES}
+        train = Split(arrays[IDX_FILES[0]], arrays[IDX_FILES[1]].astype(np.int64))
+        test = Split(arrays[IDX_FILES[2]], arrays[IDX_FILES[3]].astype(np.int64))
+    else:
+        batches = [parse_cifar_batch(contents[name], name, dataset.side) for name in CIFAR_TRAIN]
+        train = Split(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+        test = Split(*parse_cifar_batch(contents[CIFAR_TEST], CIFAR_TEST, dataset.side))
+    for split, name in ((train, "training"), (test, "test")):
+        _check_split(split, name, dataset, raw_dir)
     return train, test
+
+
+def _check_split(split: Split, name: str, dataset: Dataset, raw_dir: Path) -> None:
+    problem = ""
+    if split.images.shape[1:] != dataset.stored_shape:
+        problem = f"images of shape {split.images.shape[1:]}, not {dataset.stored_shape}"
+    elif len(split.images) != len(split.labels):
+        problem = f"{len(split.images)} images but {len(split.labels)} labels"
+    elif len(split) and not 0 <= split.labels.min() <= split.labels.max() < dataset.num_classes:
+        problem = f"labels outside 0..{dataset.num_classes - 1} ({dataset.num_classes} classes)"
+    if problem:
+        raise DataError(f"{raw_dir}: the {name} set has {problem}: the files are not {dataset.name} "
+                        "as params.yaml's `data` describes it; fix `data` or re-run `dvc repro download`")
 
 
 def stratified_take(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -220,7 +367,7 @@ def save_prepared(prepared: Prepared, out_dir: Path) -> None:
 REBUILD_PREPARED = "rebuild it with `dvc repro -f preprocess`"
 
 
-def load_prepared(prepared_dir: Path = Path("data/prepared")) -> Prepared:
+def load_prepared(prepared_dir: Path = Path("data/prepared"), dataset: Dataset = FASHION_MNIST) -> Prepared:
     """The one loader every training and evaluation stage uses; a missing, truncated or
     mismatched file is a DataError naming it."""
     prepared_dir = Path(prepared_dir)
@@ -241,8 +388,9 @@ def load_prepared(prepared_dir: Path = Path("data/prepared")) -> Prepared:
         raise DataError(f"{stats_path} is unreadable ({type(err).__name__}: {err}): "
                         f"{REBUILD_PREPARED}") from None
     for name in ("train", "test"):
-        if name not in splits or splits[name].images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-            raise DataError(f"{arrays_path} has no valid {name} split: {REBUILD_PREPARED}")
+        if name not in splits or splits[name].images.shape[1:] != dataset.stored_shape:
+            raise DataError(f"{arrays_path} has no {name} split of {dataset.name} images "
+                            f"{dataset.stored_shape}: {REBUILD_PREPARED}")
     # The stats must be those of these arrays: same split sizes, same training-pixel mean.
     counts = {name: len(splits[name]) if name in splits else 0 for name in ("train", "val", "test")}
     train_mean = float(splits["train"].images.mean(dtype=np.float64)) / 255.0

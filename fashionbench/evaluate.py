@@ -6,6 +6,7 @@ One run id names one trained model: "<model>-seed<N>" for the deep models and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fashionbench.augment import input_view, normalise
+from fashionbench.augment import as_nchw, input_view, normalise
 from fashionbench.data import Split, load_prepared
-from fashionbench.dataset import CLASS_NAMES, CLASSES as NUM_CLASSES, IMAGE_SIDE, INPUT_SHAPE
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
@@ -77,16 +77,17 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def _inputs(images: np.ndarray, mean: float, std: float, device: torch.device,
-            size: int = IMAGE_SIDE) -> torch.Tensor:
-    """uint8 (N,28,28) -> normalised float (N,1,size,size) on `device`, as a model trained at
-    `size` px sees images without augmentation."""
-    return normalise(input_view(torch.as_tensor(images, device=device).unsqueeze(1), size), mean, std)
+            size: int = 0) -> torch.Tensor:
+    """Stored uint8 images -> normalised float (N,C,size,size) on `device`, as a model trained
+    at `size` px (0: as stored) sees images without augmentation."""
+    x = as_nchw(torch.as_tensor(images, device=device))
+    return normalise(input_view(x, size or x.shape[-1]), mean, std)
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
                   batch_size: int, device: torch.device, views: tuple[str, ...] = ("plain",),
-                  batch_stats: bool = False, size: int = IMAGE_SIDE) -> np.ndarray:
+                  batch_stats: bool = False, size: int = 0) -> np.ndarray:
     """Softmax probabilities (N, classes) float32, averaged over `views` ("plain", "hflip").
 
     `batch_stats` normalises batch-norm layers by each test batch's own statistics instead
@@ -118,8 +119,8 @@ def load_model(run: Run, root: Path, device: torch.device) -> tuple[nn.Module, d
         raise EvaluateError(f"{run.id}: {err}") from err
 
 
-def load_svm_scores(run: Run, root: Path, test: Split) -> np.ndarray:
-    """Decision scores (N,10) of an SVM run, checked against the test set."""
+def load_svm_scores(run: Run, root: Path, test: Split, num_classes: int) -> np.ndarray:
+    """Decision scores (N, classes) of an SVM run, checked against the test set."""
     path = root / run.artifact
     rerun = f"re-run `dvc repro train_svm@{run.variant}`"
     if not path.is_file():
@@ -129,9 +130,9 @@ def load_svm_scores(run: Run, root: Path, test: Split) -> np.ndarray:
             scores, labels = saved["scores"], saved["labels"]
     except Exception as err:  # truncated or foreign file
         raise EvaluateError(f"{run.id}: {run.artifact} is unreadable ({type(err).__name__}): {rerun}") from None
-    if scores.shape != (len(test), NUM_CLASSES):
+    if scores.shape != (len(test), num_classes):
         raise EvaluateError(f"{run.id}: {run.artifact} holds scores of shape {scores.shape}, "
-                            f"expected {(len(test), NUM_CLASSES)}: {rerun}")
+                            f"expected {(len(test), num_classes)}: {rerun}")
     if not np.array_equal(labels, test.labels):
         raise EvaluateError(f"{run.id}: {run.artifact} was scored on another test set: {rerun}")
     return scores.astype(np.float32)
@@ -183,11 +184,11 @@ def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.T
     return (cam / peak[:, None, None]).cpu().numpy()
 
 
-def one_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+def one_per_class(labels: np.ndarray, count: int, num_classes: int) -> np.ndarray:
     """Fixed test indices: the first image of each class in turn, then the second, ..."""
-    by_class = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
-    picks = [by_class[i % NUM_CLASSES][i // NUM_CLASSES] for i in range(count)
-             if i // NUM_CLASSES < len(by_class[i % NUM_CLASSES])]
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    picks = [by_class[i % num_classes][i // num_classes] for i in range(count)
+             if i // num_classes < len(by_class[i % num_classes])]
     return np.array(picks, dtype=np.int64)
 
 
@@ -208,7 +209,7 @@ def _figure_grid(count: int, cols: int, rows_per_item: int = 1, row_height: floa
 
 
 def mistakes_gallery(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, count: int,
-                     path: Path, prob_label: str = "p") -> None:
+                     path: Path, classes: tuple[str, ...], prob_label: str = "p") -> None:
     """PNG of the `count` most confident mistakes: image, true class, predicted class and prob."""
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != labels)
@@ -216,7 +217,7 @@ def mistakes_gallery(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, 
     fig, axes = _figure_grid(max(len(wrong), 1), cols=6, row_height=2.3)
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true {CLASS_NAMES[labels[i]]}\npred {CLASS_NAMES[pred[i]]}\n"
+        ax.set_title(f"true {classes[labels[i]]}\npred {classes[pred[i]]}\n"
                      f"{prob_label} {probs[i, pred[i]]:.2f}", fontsize=7)
     fig.suptitle(f"{len(wrong)} most confident mistakes", fontsize=9)
     fig.tight_layout()
@@ -224,14 +225,14 @@ def mistakes_gallery(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, 
 
 
 def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred: np.ndarray,
-                 path: Path) -> None:
+                 path: Path, classes: tuple[str, ...]) -> None:
     """PNG: each image above its Grad-CAM overlay for the predicted class."""
-    cols = min(len(images), NUM_CLASSES)
+    cols = min(len(images), len(classes))
     fig, axes = _figure_grid(len(images), cols, rows_per_item=2)
     for k, (image, cam) in enumerate(zip(images, cams)):
         top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         top.imshow(image, cmap="gray", vmin=0, vmax=255)
-        top.set_title(f"true {CLASS_NAMES[labels[k]]}\npred {CLASS_NAMES[pred[k]]}", fontsize=7)
+        top.set_title(f"true {classes[labels[k]]}\npred {classes[pred[k]]}", fontsize=7)
         bottom.imshow(image, cmap="gray", vmin=0, vmax=255)
         bottom.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     fig.suptitle("Grad-CAM of the predicted class (last conv stage)", fontsize=9)
@@ -239,17 +240,18 @@ def gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, pred:
     save_figure(fig, path, dpi=100)
 
 
-def first_layer_weights(model: nn.Module) -> tuple[np.ndarray, str] | None:
+def first_layer_weights(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, str] | None:
     """The first layer's weights as images (N, h, w) and what they are: a conv layer's filters
-    (first input channel) or, for a layer reading the flattened image, each unit's weights
-    over the pixels. None when the first weighted layer is neither."""
+    or, for a layer reading the flattened (C, H, W) image, each unit's weights over the pixels
+    (first input channel in both). None when the first weighted layer is neither."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     weight = first.weight.detach().float().cpu() if first is not None else None
     if isinstance(first, nn.Conv2d):
         return weight[:, 0].numpy(), f"first conv layer: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]}"
-    if isinstance(first, nn.Linear) and first.in_features == INPUT_SHAPE[1] * INPUT_SHAPE[2]:
-        return (weight.reshape(-1, *INPUT_SHAPE[1:]).numpy(),
-                f"first layer: {weight.shape[0]} units' weights over the {INPUT_SHAPE[1]}x{INPUT_SHAPE[2]} pixels")
+    if isinstance(first, nn.Linear) and first.in_features == math.prod(input_shape):
+        _, height, width = input_shape
+        return (weight.reshape(-1, *input_shape)[:, 0].numpy(),
+                f"first layer: {weight.shape[0]} units' weights over the {height}x{width} pixels")
     return None
 
 
@@ -267,14 +269,14 @@ def weight_map(maps: np.ndarray, title: str, path: Path, limit: int = 64) -> Non
     save_figure(fig, path, dpi=100)
 
 
-def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path) -> None:
+def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path, classes: tuple[str, ...]) -> None:
     """actual,predicted per test image as class names: the input of DVC's confusion template."""
     import csv
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((CLASS_NAMES[a], CLASS_NAMES[p]) for a, p in zip(labels, pred))
+        writer.writerows((classes[a], classes[p]) for a, p in zip(labels, pred))
 
 
 # ---------------------------------------------------------------- the stage
@@ -290,19 +292,20 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     """
     run = parse_run_id(run_id, params)
     cfg = params.evaluate
-    test = load_prepared(root / "data/prepared").test
+    classes = params.dataset.classes
+    test = load_prepared(root / "data/prepared", params.dataset).test
     plots = root / "plots/eval" / run.id
     if run.is_svm:
-        probs, info = softmax(load_svm_scores(run, root, test)), {}
+        probs, info = softmax(load_svm_scores(run, root, test, len(classes))), {}
     else:
-        probs, info = _deep_predictions(run, root, test, cfg, plots)
+        probs, info = _deep_predictions(run, root, test, cfg, plots, classes)
     kind = SVM_SOFTMAX if run.is_svm else SOFTMAX
     pred = probs.argmax(axis=1)
     # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
-    metrics = classification_metrics(test.labels, pred, None if run.is_svm else probs)
+    metrics = classification_metrics(test.labels, pred, len(classes), None if run.is_svm else probs)
     result = metrics | {k: v for k, v in info.items() if v is not None}
-    write_confusion_csv(test.labels, pred, root / "plots/confusion" / f"{run.id}.csv")
-    mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png",
+    write_confusion_csv(test.labels, pred, root / "plots/confusion" / f"{run.id}.csv", classes)
+    mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png", classes,
                      prob_label="score softmax" if run.is_svm else "p")
     write_json(root / "metrics/eval" / f"{run.id}.json", result)
     with atomic_path(root / "predictions" / f"{run.id}.npz") as tmp, open(tmp, "wb") as f:
@@ -310,14 +313,17 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     return result
 
 
-def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
-                      plots: Path) -> tuple[np.ndarray, dict]:
+def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate, plots: Path,
+                      classes: tuple[str, ...]) -> tuple[np.ndarray, dict]:
     """Plain test probabilities of a deep run and its TTA and batch-statistics accuracies;
     draws its Grad-CAM grid."""
     from fashionbench.train import resolve_device
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run, root, device)
+    if tuple(meta["dataset"]["classes"]) != tuple(classes):
+        raise EvaluateError(f"{run.id}: {run.artifact} was trained on {meta['dataset']['name']}, not "
+                            f"the dataset params.yaml names: re-run `dvc repro train_{run.model}`")
     size = meta["input_shape"][-1]
     norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device,
             "size": size}
@@ -329,16 +335,16 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate,
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batch = predict_proba(model, test.images, batch_stats=True, **norm)
         info["batchstat_accuracy"] = float(np.mean(batch.argmax(axis=1) == test.labels))
-    weights = first_layer_weights(model)
+    weights = first_layer_weights(model, tuple(meta["input_shape"]))
     if weights is not None:
         maps, title = weights
         shown = f" (the first {min(len(maps), 64)})" if len(maps) > 64 else ""
         weight_map(maps, title + shown, plots / "first_layer.png")
     layer = gradcam_layer(model)
     if layer is not None:
-        idx = one_per_class(test.labels, cfg.gradcam_images)
+        idx = one_per_class(test.labels, cfg.gradcam_images, len(classes))
         pred = probs[idx].argmax(axis=1)
         x = _inputs(test.images[idx], meta["mean"], meta["std"], device, size)
         cams = gradcam(model, layer, x, torch.as_tensor(pred, device=device))
-        gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png")
+        gradcam_grid(test.images[idx], cams, test.labels[idx], pred, plots / "gradcam.png", classes)
     return probs, info

@@ -13,6 +13,8 @@ images per epoch, t-SNE/PCA sizes): no model or recipe key changes with the scal
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -24,7 +26,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from ruamel.yaml import YAML, YAMLError
 
-from fashionbench.dataset import CLASSES, IMAGE_SIDE, TEST_IMAGES, TRAIN_IMAGES
+from fashionbench.dataset import DATASETS, FASHION_MNIST, Dataset, idx_dataset
 from fashionbench.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -48,16 +50,57 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ParamsError(key, problem)
 
 
+# The dataset the file being validated names: sizes, pixel bounds and class counts are checked
+# against it (`data` is read first).
+_DATASET: contextvars.ContextVar[Dataset] = contextvars.ContextVar("dataset", default=FASHION_MNIST)
+
+
+def _data() -> Dataset:
+    return _DATASET.get()
+
+
 # ---------------------------------------------------------------- data stages
 
 
 @dataclass(frozen=True)
+class IdxSet:
+    """`data.name: idx`: any one-channel IDX set in MNIST's four-file layout."""
+
+    classes: tuple[str, ...]   # class names, in label order
+    image_side: int            # px; square images
+    light_on_dark: bool        # bright subject on a dark background (as MNIST)
+
+
+DATA_NAMES = (*DATASETS, "idx")
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    idx: IdxSet
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATA_NAMES, "name", f"unknown dataset {self.name!r}; choose from "
+                 f"{', '.join(DATA_NAMES)}" + _did_you_mean(self.name, DATA_NAMES))
+        if self.name == "idx":
+            classes = self.idx.classes
+            _require(len(classes) >= 2 and len(set(classes)) == len(classes), "idx.classes",
+                     "list the set's distinct class names in label order (at least two)")
+            _require(8 <= self.idx.image_side <= 256, "idx.image_side", "must be in [8, 256] px")
+
+    def dataset(self) -> Dataset:
+        """The Dataset this section names."""
+        if self.name == "idx":
+            return idx_dataset(self.idx.classes, self.idx.image_side, self.idx.light_on_dark)
+        return DATASETS[self.name]
+
+
+@dataclass(frozen=True)
 class Download:
-    sources: tuple[str, ...]
+    sources: tuple[str, ...]   # tried in order; () = the dataset's own mirrors
     timeout: float
 
     def __post_init__(self) -> None:
-        _require(len(self.sources) > 0, "sources", "list at least one directory or URL")
         _require(self.timeout > 0, "timeout", "must be > 0 seconds")
 
 
@@ -88,18 +131,19 @@ class Preprocess:
     seed: int
 
     def __post_init__(self) -> None:
-        _require(self.validation_size == 0 or self.validation_size >= CLASSES, "validation_size",
-                 f"must be 0 (no validation split) or at least {CLASSES} (one image per class)")
-        _require(self.validation_size <= TRAIN_IMAGES - MIN_PER_CLASS * CLASSES, "validation_size",
-                 f"{self.validation_size} leaves too few of the {TRAIN_IMAGES} training images; "
-                 f"use at most {TRAIN_IMAGES - MIN_PER_CLASS * CLASSES}")
-        left = TRAIN_IMAGES - self.validation_size
+        classes, train_images = _data().num_classes, _data().train_images or 10**9
+        _require(self.validation_size == 0 or self.validation_size >= classes, "validation_size",
+                 f"must be 0 (no validation split) or at least {classes} (one image per class)")
+        _require(self.validation_size <= train_images - MIN_PER_CLASS * classes, "validation_size",
+                 f"{self.validation_size} leaves too few of the {train_images} training images; "
+                 f"use at most {train_images - MIN_PER_CLASS * classes}")
+        left = train_images - self.validation_size
         _require(self.subset_size >= 0, "subset_size", "must be >= 0 (0 = all)")
         _require(self.subset_size <= left, "subset_size",
                  f"{self.subset_size} is more than the {left} training images left after the "
                  "validation split; lower it or use 0 for all")
-        _require(self.subset_size == 0 or self.subset_size >= CLASSES, "subset_size",
-                 f"must be 0 or at least {CLASSES} (one image per class)")
+        _require(self.subset_size == 0 or self.subset_size >= classes, "subset_size",
+                 f"must be 0 or at least {classes} (one image per class)")
 
 
 @dataclass(frozen=True)
@@ -148,22 +192,23 @@ class SVM:
         _require(self.C > 0, "C", "must be > 0")
         _require(self.gamma >= 0, "gamma", "must be >= 0 (0 = 1/(n_features * variance))")
         _require(self.degree >= 1, "degree", "must be >= 1")
-        _require(all(0 < c <= IMAGE_SIDE // 2 for c in self.hog_cells) and self.hog_cells, "hog_cells",
-                 f"list pixel sizes between 1 and {IMAGE_SIDE // 2}")
+        side, values = _data().side, _data().pixels * _data().channels
+        _require(all(0 < c <= side // 2 for c in self.hog_cells) and self.hog_cells, "hog_cells",
+                 f"list pixel sizes between 1 and {side // 2}")
         _require(self.hog_block >= 1, "hog_block", "must be >= 1")
-        _require(all((IMAGE_SIDE // c) >= self.hog_block for c in self.hog_cells), "hog_block",
-                 f"{self.hog_block} cells per block side do not fit a {IMAGE_SIDE}-px image with "
+        _require(all((side // c) >= self.hog_block for c in self.hog_cells), "hog_block",
+                 f"{self.hog_block} cells per block side do not fit a {side}-px image with "
                  f"{max(self.hog_cells)}-px cells")
-        _require(0 <= self.pca_components <= IMAGE_SIDE ** 2, "pca_components",
-                 f"{self.pca_components} is impossible: images have {IMAGE_SIDE ** 2} pixels")
+        _require(0 <= self.pca_components <= values, "pca_components",
+                 f"{self.pca_components} is impossible: images have {values} pixel values")
         _require("pca" not in names or self.pca_components > 0, "pca_components",
                  "must be > 0 with the pca feature")
         _require(self.solver != "nystroem" or self.nystroem_components > 0, "nystroem_components",
                  "must be > 0 with solver: nystroem")
         _require(self.cg_iterations >= 1, "cg_iterations", "must be >= 1")
         _require(self.train_size >= 0, "train_size", "must be >= 0 (0 = all)")
-        _require(self.train_size == 0 or self.train_size >= 2 * CLASSES, "train_size",
-                 f"must be 0 (all) or at least {2 * CLASSES} (two images per class)")
+        _require(self.train_size == 0 or self.train_size >= 2 * _data().num_classes, "train_size",
+                 f"must be 0 (all) or at least {2 * _data().num_classes} (two images per class)")
         _require(self.cv_folds == 0 or self.cv_folds >= 2, "cv_folds", "must be 0 (off) or >= 2")
         _require(all(c > 0 for c in self.cv_C) and self.cv_C, "cv_C", "list values > 0")
         _require(all(g > 0 for g in self.cv_gamma) and self.cv_gamma, "cv_gamma", "list values > 0")
@@ -187,14 +232,15 @@ class Augment:
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"]  # torchvision's policies
 
     def __post_init__(self) -> None:
-        _require(0 <= self.crop_pad <= IMAGE_SIDE // 2, "crop_pad", f"must be in [0, {IMAGE_SIDE // 2}] px")
+        side = _data().side
+        _require(0 <= self.crop_pad <= side // 2, "crop_pad", f"must be in [0, {side // 2}] px")
         _require(0 <= self.translate < 0.5, "translate", "must be in [0, 0.5)")
         for name in ("hflip", "jitter_p", "erase_p"):
             _require(0 <= getattr(self, name) <= 1, name, "is a probability: must be in [0, 1]")
         _require(0 <= self.jitter < 1, "jitter", "must be in [0, 1)")
         low, high = self.erase_scale
         _require(0 < low <= high < 1, "erase_scale", "must be [min, max] with 0 < min <= max < 1")
-        _require(0 <= self.cutout <= IMAGE_SIDE, "cutout", f"must be in [0, {IMAGE_SIDE}] px")
+        _require(0 <= self.cutout <= side, "cutout", f"must be in [0, {side}] px")
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup", "Beta alphas must be >= 0")
 
 
@@ -206,7 +252,7 @@ class TrainRecipe:
     arch: Any
     epochs: int
     batch_size: int
-    input_size: int
+    input_size: int   # px; 0 = as stored (read through Params.recipe, which puts the side in)
     optimizer: Literal["adamw", "sgd", "ranger"]
     lr: float
     weight_decay: float
@@ -239,9 +285,10 @@ class TrainRecipe:
         except UnknownModelError as err:
             raise ParamsError("model", str(err)) from None
         arch_cls = model_spec.arch
-        _require(self.input_size in model_spec.input_sizes, "input_size",
-                 f"{self.model} takes {' or '.join(map(str, model_spec.input_sizes))} px inputs, "
-                 f"not {self.input_size}")
+        sizes = _data().input_sizes()
+        _require(self.input_size in (0, *sizes), "input_size",
+                 f"{_data().name} trains at 0 (as stored, {_data().side} px) or "
+                 f"{' or '.join(map(str, sizes))} px, not {self.input_size}")
         if isinstance(self.arch, Mapping):
             object.__setattr__(self, "arch", _build(arch_cls, self.arch, "arch"))
         _require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -318,11 +365,14 @@ class QuickScale:
     pca_size: int
 
     def __post_init__(self) -> None:
-        _require(CLASSES <= self.train_size <= TRAIN_IMAGES - self.validation_size, "train_size",
-                 f"must be between {CLASSES} and the training images left after the validation split")
-        _require(self.validation_size == 0 or self.validation_size >= CLASSES, "validation_size",
-                 f"must be 0 or at least {CLASSES} (one image per class)")
-        _require(CLASSES <= self.test_size <= TEST_IMAGES, "test_size", f"must be in [{CLASSES}, {TEST_IMAGES}]")
+        classes = _data().num_classes
+        train_images, test_images = _data().train_images or 10**9, _data().test_images or 10**9
+        _require(classes <= self.train_size <= train_images - self.validation_size, "train_size",
+                 f"must be between {classes} and the training images left after the validation split")
+        _require(self.validation_size == 0 or self.validation_size >= classes, "validation_size",
+                 f"must be 0 or at least {classes} (one image per class)")
+        _require(classes <= self.test_size <= test_images, "test_size",
+                 f"must be at least {classes} and at most the {test_images} test images")
         _require(self.epochs >= 1, "epochs", "must be >= 1")
         _require("default" in self.epoch_images, "epoch_images",
                  "needs a `default` entry (training images per epoch for any deep row)")
@@ -336,7 +386,7 @@ class QuickScale:
 
 # ---------------------------------------------------------------- the whole file
 
-TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "download", "stats", "preprocess",
+TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "data", "download", "stats", "preprocess",
              "svm_defaults", "svm", "model", "train_defaults", "evaluate", "compare")
 
 
@@ -346,6 +396,7 @@ class Params:
     seeds: dict[str, tuple[int, ...]]  # each deep row's training seeds
     quick: bool
     quick_scale: QuickScale
+    data: Data
     download: Download
     stats: Stats
     preprocess: Preprocess
@@ -372,12 +423,19 @@ class Params:
         if row not in self.recipes:
             raise ParamsError(row, f"no such training section; deep rows: {', '.join(self.recipes)}")
         recipe = self.recipes[row]
+        if recipe.input_size == 0:
+            recipe = dataclasses.replace(recipe, input_size=self.dataset.side)
         if self.quick:
             epochs = min(recipe.epochs, self.quick_scale.epochs)
             recipe = dataclasses.replace(  # warmup keeps its fraction of the schedule
                 recipe, epochs=epochs, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs,
                 precise_bn=min(recipe.precise_bn, self.epoch_images(row)))
         return recipe
+
+    @property
+    def dataset(self) -> Dataset:
+        """The dataset `data` names."""
+        return self.data.dataset()
 
     def epoch_images(self, row: str) -> int:
         """Training images per epoch of deep row `row`; 0 = the whole training split."""
@@ -420,8 +478,20 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
-    """Validate a params mapping (as read from params.yaml)."""
-    return _build(Params, resolve(raw), "")
+    """Validate a params mapping (as read from params.yaml): `data` first, then the rest
+    against the dataset it names."""
+    with reading(_build(Data, raw.get("data"), "data").dataset()):
+        return _build(Params, resolve(raw), "")
+
+
+@contextlib.contextmanager
+def reading(dataset: Dataset) -> typing.Iterator[None]:
+    """Validate sections against `dataset` inside the block."""
+    token = _DATASET.set(dataset)
+    try:
+        yield
+    finally:
+        _DATASET.reset(token)
 
 
 def deep_rows(raw: Mapping[str, Any]) -> list[str]:
@@ -531,6 +601,7 @@ class Plan:
     epochs: dict[str, int]            # each deep row's recipe epochs
     ensemble: tuple[str, ...]
     tolerance: float
+    classes: tuple[str, ...]          # the dataset's class names, in label order
 
     def rows(self) -> list[str]:
         """Table rows in order: svm-<recipe>..., then the deep rows."""
@@ -559,7 +630,7 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     seeds = {str(row): tuple(values) for row, values in seeds.items()} if isinstance(seeds, Mapping) else {}
     return Plan(bool(raw.get("quick")), seeds, tuple(raw.get("svm") or ()),
                 tuple(deep), {k: int(raw[k].get("epochs", defaults.get("epochs", 0))) for k in deep},
-                compare.ensemble, compare.tolerance)
+                compare.ensemble, compare.tolerance, _build(Data, raw.get("data"), "data").dataset().classes)
 
 
 def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:

@@ -6,11 +6,13 @@
     python -m fashionbench.predict shoe.jpg --model models/cnn/seed0/model.pt
 
 Any PNG/JPEG (any size, colour or grey, dark-on-light or light-on-dark) is brought to what
-the model was trained on: grey, the garment bright on a dark background (a bright border
-means a dark-on-light photo, which is inverted), padded to a square, resized to the input
-size recorded in model.pt and normalised with the training statistics recorded there. An
-image already in the dataset's form (28x28 grey, light on dark) passes unchanged, so its
-prediction is exactly the evaluate stage's.
+the model was trained on, as its model.pt records it (dataset, input size, normalisation): for
+a grey dataset, grey with the subject bright on a dark background where the dataset has it so
+(a bright border means a dark-on-light photo, which is inverted); for a colour one (CIFAR-10),
+RGB as it is. Then padded to a square, resized to the dataset's side and normalised with the
+training statistics. An image already in the dataset's form (Fashion-MNIST: 28x28 grey, light
+on dark) passes unchanged, so its prediction is exactly the evaluate stage's. SVM pipelines
+carry no dataset record: they are taken to be Fashion-MNIST's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import typer
 
 from fashionbench.cli import user_errors
-from fashionbench.dataset import CLASS_NAMES, IMAGE_SIDE, LIGHT_ON_DARK
+from fashionbench.dataset import FASHION_MNIST, Dataset
 from fashionbench.errors import UserError
 
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")
@@ -39,8 +41,8 @@ class Classifier:
     """A trained row reduced to what prediction needs."""
 
     path: Path
-    side: int                                            # input images are side x side, grey
-    probabilities: Callable[[np.ndarray], np.ndarray]    # uint8 (N, side, side) -> (N, classes)
+    dataset: Dataset                                     # images are brought to its stored form
+    probabilities: Callable[[np.ndarray], np.ndarray]    # stored uint8 images -> (N, classes)
     kind: str                                            # what the probabilities are
 
 
@@ -76,16 +78,13 @@ def load_classifier(path: Path, batch_size: int = 1024) -> Classifier:
     import torch
 
     from fashionbench.evaluate import predict_proba
-    from fashionbench.models import load_trained
+    from fashionbench.models import load_trained, trained_dataset
 
     model, meta = load_trained(path)  # names the file and the stage when it does not load
-    channels, height, width = meta["input_shape"]
-    if channels != 1 or height != width:
-        raise PredictError(f"{path} expects {channels}-channel {height}x{width} input; "
-                           "predict feeds square grey images")
+    height = meta["input_shape"][1]
     cpu = torch.device("cpu")
-    # images are brought to the stored 28 px, then to the model's input as evaluation does
-    return Classifier(path, IMAGE_SIDE, lambda images: predict_proba(
+    # images are brought to the stored side, then to the model's input as evaluation does
+    return Classifier(path, trained_dataset(meta), lambda images: predict_proba(
         model, images, meta["mean"], meta["std"], batch_size, cpu, size=height), "probability")
 
 
@@ -101,7 +100,7 @@ def _svm_classifier(path: Path) -> Classifier:
         raise PredictError(f"{path} is not a readable SVM model ({type(err).__name__}): re-run "
                            f"`dvc repro {_train_stage(path)}` or `dvc pull {path}`") from None
     # SVMs give decision scores; their softmax ranks the classes but is not calibrated.
-    return Classifier(path, IMAGE_SIDE, lambda images: softmax(decision(images)), "svm-score-softmax")
+    return Classifier(path, FASHION_MNIST, lambda images: softmax(decision(images)), "svm-score-softmax")
 
 
 def _border(image: np.ndarray) -> np.ndarray:
@@ -113,8 +112,9 @@ def is_dark_on_light(image: np.ndarray) -> bool:
     return float(_border(image).mean()) > 127.5
 
 
-def load_image(path: Path, side: int, polarity: str = "auto") -> np.ndarray:
-    """uint8 (side, side): grey, light on dark like the training images, padded square, resized."""
+def load_image(path: Path, dataset: Dataset = FASHION_MNIST, polarity: str = "auto") -> np.ndarray:
+    """uint8 image in `dataset`'s stored form: grey (side, side) with the dataset's polarity, or
+    RGB (side, side, 3) for a colour dataset; padded square, resized."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -124,27 +124,30 @@ def load_image(path: Path, side: int, polarity: str = "auto") -> np.ndarray:
                 image = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
             grey = np.asarray(image.convert("L"))
+            rgb = np.asarray(image.convert("RGB")) if dataset.channels == 3 else None
     except FileNotFoundError:
         raise PredictError(f"image {path} not found") from None
     except (UnidentifiedImageError, OSError) as err:
         raise PredictError(f"{path} is not an image this can read (PNG, JPEG, ...): {err}") from None
+    if rgb is not None:  # photos in colour: no polarity to match
+        return _fit(rgb, dataset.side, fill=int(np.median(_border(grey))))
     dark_on_light = is_dark_on_light(grey) if polarity == "auto" else polarity == "dark-on-light"
-    if dark_on_light == LIGHT_ON_DARK:
+    if dark_on_light == dataset.light_on_dark:
         grey = 255 - grey
-    return _fit(grey, side)
+    return _fit(grey, dataset.side)
 
 
-def _fit(grey: np.ndarray, side: int) -> np.ndarray:
+def _fit(image: np.ndarray, side: int, fill: int | None = None) -> np.ndarray:
     from PIL import Image
 
-    height, width = grey.shape
+    height, width = image.shape[:2]
     if (height, width) == (side, side):
-        return grey
+        return image
     square = max(height, width)
-    fill = int(np.median(_border(grey)))
-    canvas = np.full((square, square), fill, dtype=np.uint8)
+    fill = int(np.median(_border(image))) if fill is None else fill
+    canvas = np.full((square, square, *image.shape[2:]), fill, dtype=np.uint8)
     top, left = (square - height) // 2, (square - width) // 2
-    canvas[top:top + height, left:left + width] = grey
+    canvas[top:top + height, left:left + width] = image
     # Area averaging when shrinking keeps every pixel's weight (a 2x enlargement comes back exact).
     resample = Image.Resampling.BOX if square > side else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(canvas).resize((side, side), resample))
@@ -154,13 +157,13 @@ def predict(images: list[Path], classifier: Classifier, polarity: str = "auto",
             top: int = 3) -> list[dict]:
     """For each image, its `top` classes, most probable first. Every image is read before any
     is classified, so a bad file stops the command before it prints anything."""
-    batch = np.stack([load_image(path, classifier.side, polarity) for path in images])
+    batch = np.stack([load_image(path, classifier.dataset, polarity) for path in images])
     probabilities = classifier.probabilities(batch)
     results = []
     for path, probs in zip(images, probabilities):
         best = np.argsort(-probs, kind="stable")[:top]
         results.append({"image": str(path), "model": str(classifier.path), "kind": classifier.kind,
-                        "top": [{"class": CLASS_NAMES[i], "index": int(i),
+                        "top": [{"class": classifier.dataset.classes[i], "index": int(i),
                                  "probability": round(float(probs[i]), 4)} for i in best]})
     return results
 
@@ -168,14 +171,18 @@ def predict(images: list[Path], classifier: Classifier, polarity: str = "auto",
 def main(images: list[Path] = typer.Argument(..., help="PNG/JPEG files"),
          model: str = typer.Option("cnn", help="a deep row (cnn, resnet7-seed1), an SVM row "
                                    "(svm-hog) or a model.pt / model.joblib path"),
-         top: int = typer.Option(3, min=1, max=len(CLASS_NAMES), help="classes shown per image"),
+         top: int = typer.Option(3, min=1, help="classes shown per image"),
          polarity: str = typer.Option("auto", help="auto | light-on-dark | dark-on-light"),
          as_json: bool = typer.Option(False, "--json", help="print JSON instead of text")) -> None:
     """Print the most probable classes of each image under a trained row."""
     with user_errors():
         if polarity not in POLARITIES:
             raise PredictError(f"--polarity {polarity!r}: use one of {', '.join(POLARITIES)}")
-        results = predict(images, load_classifier(model_path(model)), polarity, top)
+        classifier = load_classifier(model_path(model))
+        if top > classifier.dataset.num_classes:
+            raise PredictError(f"--top {top}: {classifier.dataset.display_name} has "
+                               f"{classifier.dataset.num_classes} classes")
+        results = predict(images, classifier, polarity, top)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fashionbench.dataset import CLASS_NAMES
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
 from fashionbench.params import Plan, evaluate_stage
@@ -100,14 +99,14 @@ def _hardware(train: dict) -> str | None:
 
 
 def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,
-                labels: np.ndarray, probs: np.ndarray) -> dict:
+                classes: tuple[str, ...], labels: np.ndarray, probs: np.ndarray) -> dict:
     return {"id": run_id, "row": row, "seed": seed, "accuracy": ev["accuracy"],
             "macro_f1": ev["macro_f1"], "tta_accuracy": ev.get("tta_accuracy"),
             "batchstat_accuracy": ev.get("batchstat_accuracy"),
             "parameters": train.get("parameters"), "recipe": _recipe(row, train),
             "epochs": train.get("epochs"), "train_size": train.get("train_size"),
             "train_s": train.get("fit_time_s", train.get("wall_time_s")),
-            "hardware": _hardware(train)} | class_accuracy(labels, probs.argmax(axis=1))
+            "hardware": _hardware(train)} | class_accuracy(labels, probs.argmax(axis=1), classes)
 
 
 def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
@@ -126,11 +125,12 @@ def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
         if bool(train.get("quick")) != plan.quick:
             missing.append(run_id)  # a result of the other scale: not this table's
             continue
-        records.append(_run_record(run_id, row, seed, ev, train, *_load_predictions(predictions)))
-    return pd.DataFrame.from_records(records, columns=[*RUN_COLUMNS, *CLASS_NAMES]), missing
+        records.append(_run_record(run_id, row, seed, ev, train, plan.classes, *_load_predictions(predictions)))
+    return pd.DataFrame.from_records(records, columns=[*RUN_COLUMNS, *plan.classes]), missing
 
 
-def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> pd.DataFrame:
+def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame,
+                  classes: tuple[str, ...]) -> pd.DataFrame:
     """Per seed, the mean of the members' plain test probabilities (two or more members).
     Seeds that every member ran are the ensemble's seeds; only where none is complete does a
     partial ensemble stand in (its recipe names the absent members)."""
@@ -145,12 +145,12 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame) -> p
         recipe = "mean plain probabilities of " + ", ".join(parts["row"])
         if absent:
             recipe += f" ({', '.join(absent)}: not run)"
-        metrics = classification_metrics(labels, probs.argmax(axis=1))
+        metrics = classification_metrics(labels, probs.argmax(axis=1), len(classes))
         records.append({"id": f"{ENSEMBLE}-seed{int(seed)}", "row": ENSEMBLE, "seed": int(seed), **metrics,
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
                         "train_s": parts["train_s"].sum(),
                         "hardware": _distinct(parts["hardware"])}
-                       | class_accuracy(labels, probs.argmax(axis=1)))
+                       | class_accuracy(labels, probs.argmax(axis=1), classes))
     return pd.DataFrame.from_records(records, columns=runs.columns)
 
 
@@ -177,7 +177,7 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
                        hardware=("hardware", _distinct),
                        train_s=("train_s", "mean"))
     table[[f"{k}_std" for k in SUMMED]] = table[[f"{k}_std" for k in SUMMED]].fillna(0.0)
-    table = table.join(groups[list(CLASS_NAMES)].mean())
+    table = table.join(groups[list(plan.classes)].mean())
     table["seeds"] = groups["seed"].agg(lambda s: [int(v) for v in s.dropna()])
     table["not_run_ids"] = [[m for m in missing if plan.row_of(m) == row] for row in table.index]
     not_run = [row for row in plan.rows() if row not in table.index]
@@ -213,16 +213,16 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def records(table: pd.DataFrame) -> dict:
+def records(table: pd.DataFrame, classes: tuple[str, ...]) -> dict:
     """reports/results.json: every row of the table with everything the report shows."""
     out = {}
     for row, entry in table.iterrows():
-        values = {k: _plain(v) for k, v in entry.items() if k not in CLASS_NAMES}
+        values = {k: _plain(v) for k, v in entry.items() if k not in classes}
         if entry.get("not_run") is True:
             values = {k: v for k, v in values.items() if v is not None and v != []}
         else:
             values = {k: v for k, v in values.items() if k not in ("not_run", "command", "estimate")}
-            values["class_accuracy"] = {c: _plain(entry[c]) for c in CLASS_NAMES}
+            values["class_accuracy"] = {c: _plain(entry[c]) for c in classes}
         out[str(row)] = values
     return out
 
@@ -274,7 +274,7 @@ def results_table(table: dict) -> str:
 def class_accuracy_table(table: dict) -> str:
     """Per-class test accuracy (recall) of every row that ran, as Markdown."""
     ran = {row: e["class_accuracy"] for row, e in table.items() if not e.get("not_run")}
-    frame = pd.DataFrame.from_dict(ran, orient="index", columns=list(CLASS_NAMES))
+    frame = pd.DataFrame.from_dict(ran, orient="index")  # columns: the class names, in label order
     return frame.rename_axis("row").reset_index().to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
@@ -332,13 +332,14 @@ def _scatter(table: dict, key: str, xlabel: str, title: str, path: Path) -> None
 def _class_heatmap(table: dict, path: Path) -> None:
     plt = _pyplot()
     rows = [r for r, e in table.items() if not e.get("not_run")]
-    values = np.array([[table[r]["class_accuracy"][c] for c in CLASS_NAMES] for r in rows])
+    classes = list(table[rows[0]]["class_accuracy"])  # in label order
+    values = np.array([[table[r]["class_accuracy"][c] for c in classes] for r in rows])
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 2))
     ax.imshow(values, cmap="viridis", vmin=min(0.5, values.min()), vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="black" if v > 0.85 else "white")
-    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=30, ha="right")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title("per-class test accuracy")
     fig.tight_layout()
@@ -378,20 +379,20 @@ def best_run(table: dict, runs: pd.DataFrame) -> str | None:
     return str(runs.loc[runs["row"] == max(ran, key=ran.get), "id"].iloc[0])
 
 
-def _confusion(root: Path, run_id: str, path: Path) -> None:
+def _confusion(root: Path, run_id: str, path: Path, classes: tuple[str, ...]) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     labels, probs = _load_predictions(root / "predictions" / f"{run_id}.npz")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(axis=1), display_labels=CLASS_NAMES,
+    ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(axis=1), display_labels=classes,
                                             xticks_rotation=45, colorbar=False, ax=ax)
     ax.set_title(f"{run_id}: test confusion matrix")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
 
 
-def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path) -> None:
+def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path, classes: tuple[str, ...]) -> None:
     """The comparison figures as PNGs under `out` (FIGURES), the best row's included."""
     _scatter(table, "parameters", "parameters (log)", "test accuracy against model size",
              out / "accuracy_vs_parameters.png")
@@ -402,7 +403,7 @@ def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path) -> Non
     _learning_curves(root, list(deep), out / "learning_curves.png")
     best = best_run(table, runs)
     if best is not None:
-        _confusion(root, best, out / "best_confusion.png")
+        _confusion(root, best, out / "best_confusion.png", classes)
         with atomic_path(out / "best_mistakes.png") as tmp:
             shutil.copyfile(root / "plots/eval" / best / "mistakes.png", tmp)
 
@@ -417,10 +418,10 @@ def compare(plan: Plan, root: Path = Path(".")) -> dict:
     if runs.empty:
         raise UserError("no run that params.yaml defines has been evaluated at this scale: "
                         "run `dvc repro` first")
-    runs = pd.concat([runs, ensemble_runs(root, plan.ensemble, runs)], ignore_index=True)
-    table = records(summarise(runs, missing, plan))
+    runs = pd.concat([runs, ensemble_runs(root, plan.ensemble, runs, plan.classes)], ignore_index=True)
+    table = records(summarise(runs, missing, plan), plan.classes)
     write_json(root / "reports/results.json", table)
     write_json(root / "metrics/compare.json", compact(table))
     write_text(root / "reports/results.md", results_markdown(table))
-    write_figures(root, table, runs, root / "plots/compare")
+    write_figures(root, table, runs, root / "plots/compare", plan.classes)
     return table

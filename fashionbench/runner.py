@@ -37,11 +37,10 @@ from fashionbench.cli import user_errors
 from fashionbench.data import Prepared, load_prepared
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, write_json, write_text
-from fashionbench.models import build_model
 from fashionbench.params import PARAMS_FILE, Params, load_params
 from fashionbench.train import (_load_checkpoint, checkpoint_root, fingerprint, make_optimizer,
-                                make_runtime, make_scheduler, steps_per_epoch, to_device,
-                                train_and_save, train_one_epoch)
+                                make_runtime, make_scheduler, model_for, steps_per_epoch,
+                                to_device, train_and_save, train_one_epoch)
 from stages.train import CURVES
 
 NOT_DONE_EXIT = 3   # a piece ended before the last epoch: run the same command again
@@ -83,7 +82,7 @@ class Curves:
 def completed_epochs(row: str, params: Params, data: Prepared, seed: int) -> int:
     """Epochs the run's checkpoint holds (0 without one): what the next piece resumes from."""
     recipe = params.recipe(row)
-    model = build_model(recipe.model, recipe.arch)
+    model = model_for(recipe.model, recipe.arch, recipe, params.dataset)
     name = fingerprint(model, recipe.model, recipe.arch, recipe, seed, data.train, data.val,
                        data.mean, data.std, params.epoch_images(row))[:16]
     saved = _load_checkpoint(checkpoint_root() / name / "checkpoint.pt", "cpu")
@@ -124,7 +123,7 @@ def train(row: str = typer.Argument(..., help="a deep row of params.yaml: cnn, w
     with user_errors():
         params = load_params(root / PARAMS_FILE)
         recipe = params.recipe(row)
-        data = load_prepared(root / "data/prepared")
+        data = load_prepared(root / "data/prepared", params.dataset)
         resumed = completed_epochs(row, params, data, seed)
         model_file, record, curve_dir = (root / rel for rel in outputs(row, seed))
         curves = Curves(curve_dir)
@@ -156,7 +155,7 @@ def epoch_seconds(row: str, params: Params, data: Prepared, images: int) -> tupl
     warm-up of ten steps (allocation, kernel plans); and the device it ran on."""
     recipe = params.recipe(row)
     runtime = make_runtime(recipe)
-    model = build_model(recipe.model, recipe.arch).to(runtime.device)
+    model = model_for(recipe.model, recipe.arch, recipe, params.dataset).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = to_device(data.train, runtime.device)
@@ -164,7 +163,7 @@ def epoch_seconds(row: str, params: Params, data: Prepared, images: int) -> tupl
     optimizer = make_optimizer(model, recipe, runtime.device)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(len(y), recipe.batch_size))
     gen = torch.Generator(device=runtime.device).manual_seed(0)
-    args = dict(mean=data.mean, std=data.std, runtime=runtime)
+    args = dict(mean=data.mean, std=data.std, runtime=runtime, num_classes=params.dataset.num_classes)
     train_one_epoch(model, optimizer, scheduler, x, y, recipe, gen, epoch_images=10 * recipe.batch_size, **args)
     timed = train_one_epoch(model, optimizer, scheduler, x, y, recipe, gen, epoch_images=images, **args)
     return len(y) / timed["images_per_s"], runtime.describe()
@@ -179,7 +178,7 @@ def time_row(row: str = typer.Argument(..., help="a deep row of params.yaml"),
     """Time one epoch of a row's recipe here; with --minutes, the epochs that fit."""
     with user_errors():
         params = load_params(root / PARAMS_FILE)
-        seconds, device = epoch_seconds(row, params, load_prepared(root / "data/prepared"), images)
+        seconds, device = epoch_seconds(row, params, load_prepared(root / "data/prepared", params.dataset), images)
     fit = int(minutes * 60 // seconds)
     if as_json:
         typer.echo(json.dumps({"row": row, "s_per_epoch": seconds, "epochs_fit": fit, "device": device}))

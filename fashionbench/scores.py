@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from fashionbench.dataset import CLASS_NAMES
 
-
-def classification_metrics(labels: np.ndarray, pred: np.ndarray,
+def classification_metrics(labels: np.ndarray, pred: np.ndarray, num_classes: int,
                            probs: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy, macro F1, and log loss if `probs` (N, classes) are probabilities."""
+    """Accuracy, macro F1 over `num_classes` classes, and log loss if `probs` (N, classes)
+    are probabilities."""
     from sklearn.metrics import f1_score
 
     metrics = {
         "accuracy": float(np.mean(labels == pred)),
-        "macro_f1": float(f1_score(labels, pred, labels=range(len(CLASS_NAMES)), average="macro",
+        "macro_f1": float(f1_score(labels, pred, labels=range(num_classes), average="macro",
                                    zero_division=0)),
     }
     if probs is not None:
@@ -25,9 +24,9 @@ def classification_metrics(labels: np.ndarray, pred: np.ndarray,
     return metrics
 
 
-def class_accuracy(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def class_accuracy(labels: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
     """Per-class accuracy (recall) keyed by class name; 0 for a class absent from `labels`."""
     from sklearn.metrics import recall_score
 
-    recall = recall_score(labels, pred, labels=range(len(CLASS_NAMES)), average=None, zero_division=0)
-    return {name: float(r) for name, r in zip(CLASS_NAMES, recall)}
+    recall = recall_score(labels, pred, labels=range(len(classes)), average=None, zero_division=0)
+    return {name: float(r) for name, r in zip(classes, recall)}

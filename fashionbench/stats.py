@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionbench.data import Split
-from fashionbench.dataset import CLASS_NAMES
+from fashionbench.dataset import Dataset
 from fashionbench.io import save_figure
 from fashionbench.params import Stats
 
@@ -20,12 +20,12 @@ def summary(train: Split, test: Split) -> dict:
             "train_mean": round(float(pixels.mean()), 6), "train_std": round(float(pixels.std()), 6)}
 
 
-def description(train: Split, test: Split) -> dict:
+def description(train: Split, test: Split, classes: tuple[str, ...]) -> dict:
     """reports/dataset.json: the summary plus image shape and per-class counts, which a reader
     looks up rather than compares across experiments."""
     def counts(split: Split) -> dict[str, int]:
-        per_class = np.bincount(split.labels, minlength=len(CLASS_NAMES))
-        return {name: int(n) for name, n in zip(CLASS_NAMES, per_class)}
+        per_class = np.bincount(split.labels, minlength=len(classes))
+        return {name: int(n) for name, n in zip(classes, per_class)}
 
     return summary(train, test) | {"image_shape": list(train.images.shape[1:]),
                                    "train_per_class": counts(train), "test_per_class": counts(test)}
@@ -37,27 +37,27 @@ def _seeded_subset(split: Split, size: int, seed: int) -> tuple[np.ndarray, np.n
     return split.images[idx].reshape(len(idx), -1) / 255.0, split.labels[idx]
 
 
-def write_figures(train: Split, cfg: Stats, seed: int, out_dir: Path) -> None:
+def write_figures(train: Split, cfg: Stats, seed: int, out_dir: Path, dataset: Dataset) -> None:
     """Sample sprite, class means, PCA and t-SNE maps and pixel histogram as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _sprite(train, cfg.sprite_per_class, seed, out_dir / "samples.png")
-    _class_means(train, out_dir / "class_means.png")
-    _embedding(train, "pca", cfg.pca_size, seed, cfg.tsne_perplexity, out_dir / "pca.png")
-    _embedding(train, "tsne", cfg.tsne_size, seed, cfg.tsne_perplexity, out_dir / "tsne.png")
+    _sprite(train, cfg.sprite_per_class, seed, out_dir / "samples.png", dataset)
+    _class_means(train, out_dir / "class_means.png", dataset.classes)
+    _embedding(train, "pca", cfg.pca_size, seed, cfg.tsne_perplexity, out_dir / "pca.png", dataset.classes)
+    _embedding(train, "tsne", cfg.tsne_size, seed, cfg.tsne_perplexity, out_dir / "tsne.png", dataset.classes)
     _histogram(train, out_dir / "pixel_histogram.png")
 
 
-def _sprite(train: Split, per_class: int, seed: int, path: Path) -> None:
+def _sprite(train: Split, per_class: int, seed: int, path: Path, dataset: Dataset) -> None:
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(CLASS_NAMES), per_class, figsize=(per_class * 0.9, 10),
+    fig, axes = plt.subplots(len(dataset.classes), per_class, figsize=(per_class * 0.9, len(dataset.classes)),
                              squeeze=False)
-    for label, name in enumerate(CLASS_NAMES):
+    for label, name in enumerate(dataset.classes):
         chosen = rng.choice(np.flatnonzero(train.labels == label), size=per_class, replace=False)
         for col, index in enumerate(chosen):
             ax = axes[label, col]
@@ -65,16 +65,20 @@ def _sprite(train: Split, per_class: int, seed: int, path: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[label, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"Fashion-MNIST training samples ({per_class} per class)")
+    fig.suptitle(f"{dataset.display_name} training samples ({per_class} per class)")
     save_figure(fig, path, dpi=100)
 
 
-def _class_means(train: Split, path: Path) -> None:
+def _class_means(train: Split, path: Path, classes: tuple[str, ...]) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 5, figsize=(10, 4.6))
-    for label, (name, ax) in enumerate(zip(CLASS_NAMES, axes.flat)):
-        ax.imshow(train.images[train.labels == label].mean(axis=0), cmap="gray_r")
+    rows = -(-len(classes) // 5)
+    fig, axes = plt.subplots(rows, 5, figsize=(10, 2.3 * rows), squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for label, (name, ax) in enumerate(zip(classes, axes.flat)):
+        mean = train.images[train.labels == label].mean(axis=0)
+        ax.imshow(mean / 255.0 if mean.ndim == 3 else mean, cmap="gray_r")  # colour: RGB in [0, 1]
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -82,7 +86,8 @@ def _class_means(train: Split, path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def _embedding(train: Split, method: str, size: int, seed: int, perplexity: float, path: Path) -> None:
+def _embedding(train: Split, method: str, size: int, seed: int, perplexity: float, path: Path,
+               classes: tuple[str, ...]) -> None:
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -99,7 +104,7 @@ def _embedding(train: Split, method: str, size: int, seed: int, perplexity: floa
         title, axis = "t-SNE of training images", "t-SNE dimension"
     fig, ax = plt.subplots(figsize=(8, 7))
     cmap = plt.get_cmap("tab10")
-    for label, name in enumerate(CLASS_NAMES):
+    for label, name in enumerate(classes):
         mask = labels == label
         ax.scatter(points[mask, 0], points[mask, 1], s=3, color=cmap(label), label=name)
     ax.set_title(f"{title} ({len(labels)} seeded samples, seed {seed})")

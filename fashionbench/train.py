@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,15 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fashionbench.augment import augment_batch, centre_crop, enlarge, input_view, mix_batch, normalise
+from fashionbench.augment import as_nchw, augment_batch, centre_crop, enlarge, input_view, mix_batch, normalise
 from fashionbench.data import Prepared, Split
+from fashionbench.dataset import FASHION_MNIST, Dataset
 from fashionbench.distributed import Group
 from fashionbench.errors import UserError
 from fashionbench import distributed, machine
 from fashionbench.lookahead import Lookahead
 from fashionbench.io import atomic_path, write_json
-from fashionbench.models import build_model, count_parameters, save_trained
-from fashionbench.models.registry import spec
+from fashionbench.models import build_model, count_parameters, describe, save_trained
 from fashionbench.params import Params, TrainRecipe
 from fashionbench.seeding import rng_state, seed_everything, set_rng_state
 
@@ -106,9 +106,15 @@ def make_runtime(recipe: TrainRecipe) -> Runtime:
     return Runtime(device, torch.bfloat16 if bf16 else None, nhwc)
 
 
+def model_for(name: str, arch: Any, recipe: TrainRecipe, dataset: Dataset) -> nn.Module:
+    """Registry model `name` built for `dataset`'s images at the recipe's input size."""
+    side = recipe.input_size or dataset.side
+    return build_model(name, arch, (dataset.channels, side, side), dataset.num_classes)
+
+
 def to_device(split: Split, device: torch.device) -> tuple[Tensor, Tensor]:
-    """uint8 images (N,1,28,28) and int64 labels (N,) on `device`."""
-    images = torch.from_numpy(split.images).to(device).unsqueeze(1)
+    """uint8 images (N,C,H,W) and int64 labels (N,) on `device`."""
+    images = as_nchw(torch.from_numpy(split.images).to(device))
     return images, torch.from_numpy(split.labels).to(device)
 
 
@@ -189,7 +195,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, images: Tensor, labels: Tensor,
                     recipe: TrainRecipe, gen: torch.Generator, *, mean: float, std: float,
                     runtime: Runtime, ema: EMA | None = None, epoch: int = 1,
-                    epoch_images: int = 0, progress: tqdm | None = None, group: Group = Group()) -> dict:
+                    epoch_images: int = 0, progress: tqdm | None = None, group: Group = Group(),
+                    num_classes: int = FASHION_MNIST.num_classes) -> dict:
     """One pass over a seeded permutation of (images uint8 (N,1,H,W), labels) on the device,
     or over its first `epoch_images` images when that is set (the quick run).
 
@@ -213,7 +220,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         idx = order[step * batch:(step + 1) * batch]
         x = augment_batch(images[idx], recipe.augment, gen, mean, std, recipe.input_size)
         y = labels[idx]
-        x, target = mix_batch(x, y, recipe.augment, gen)
+        x, target = mix_batch(x, y, recipe.augment, gen, num_classes)
         x, y, target = group.shard(x), group.shard(y), group.shard(target)
         with runtime.autocast():
             logits = model(runtime.prepare_input(x))
@@ -429,8 +436,8 @@ def fingerprint(model: nn.Module, model_name: str, arch: Any, recipe: TrainRecip
 def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Split | None, *,
         mean: float, std: float, seed: int, checkpoint_dir: Path | None = None,
         epoch_images: int = 0, on_epoch: EpochCallback | None = None,
-        progress: bool = True) -> FitResult:
-    """Train registry model `model_name` with `recipe` from seed `seed`.
+        progress: bool = True, dataset: Dataset = FASHION_MNIST) -> FitResult:
+    """Train registry model `model_name` with `recipe` from seed `seed` on images of `dataset`.
 
     With `checkpoint_dir`, the run's folder there (named by its fingerprint) is locked for
     the duration, the full state (model, optimiser, scheduler, EMA, RNG, history) is saved
@@ -438,10 +445,12 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     uninterrupted one). A finished run deletes its checkpoint, so a forced re-run starts from
     epoch 0. `on_epoch` receives each epoch's metrics, resumed epochs first.
     """
+    if not recipe.input_size:  # 0: as stored
+        recipe = replace(recipe, input_size=dataset.side)
     runtime = make_runtime(recipe)
     group = distributed.start(runtime.device, recipe.batch_size)
     gen = seed_everything(seed, runtime.device)
-    model = build_model(model_name, arch).to(runtime.device)
+    model = model_for(model_name, arch, recipe, dataset).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, forward = distributed.wrap(model, runtime.device, group, recipe.sync_bn)
@@ -479,7 +488,8 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         _train_epochs(model, forward, optimizer, scheduler, ema, history, recipe, runtime, gen,
                       train_x, train_y, val_xy, mean=mean, std=std, steps=steps,
                       epoch_images=epoch_images, checkpoint=checkpoint if group.is_main else None,
-                      on_epoch=on_epoch, progress=progress and group.is_main, group=group)
+                      on_epoch=on_epoch, progress=progress and group.is_main, group=group,
+                      num_classes=dataset.num_classes)
         final = ema.model if ema is not None else model
         bn = _precise_bn(final, centre_crop(train_x, recipe.input_size), train_y, recipe, runtime, gen,
                          mean, std)
@@ -494,7 +504,7 @@ def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.O
                   history: list[dict], recipe: TrainRecipe, runtime: Runtime, gen: torch.Generator,
                   train_x: Tensor, train_y: Tensor, val_xy: tuple[Tensor, Tensor] | None, *,
                   mean: float, std: float, steps: int, epoch_images: int, checkpoint: Path | None,
-                  on_epoch: EpochCallback | None, progress: bool, group: Group) -> None:
+                  on_epoch: EpochCallback | None, progress: bool, group: Group, num_classes: int) -> None:
     """The epochs not in `history` yet, appended to it, with checkpoints and progress.
     `forward` is `model` or its DDP wrapper; an exception from `on_epoch` (rank 0's) stops
     every process alike."""
@@ -510,7 +520,7 @@ def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.O
             metrics = {"epoch": epoch, **train_one_epoch(
                 forward, optimizer, scheduler, train_x, train_y, recipe, gen, mean=mean, std=std,
                 runtime=runtime, ema=ema, epoch=epoch, epoch_images=epoch_images, progress=bar,
-                group=group)}
+                group=group, num_classes=num_classes)}
             if val_xy is not None:
                 scores = evaluate(final, *val_xy, mean=mean, std=std,
                                   batch_size=recipe.eval_batch_size, runtime=runtime)
@@ -590,16 +600,18 @@ def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir:
     recipe, epoch_images = params.recipe(row), params.epoch_images(row)
     result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
                  std=data.std, seed=seed, checkpoint_dir=checkpoint_root(), epoch_images=epoch_images,
-                 on_epoch=on_epoch, progress=progress)
+                 on_epoch=on_epoch, progress=progress, dataset=params.dataset)
     if not distributed.is_main():
         return {}  # rank 0 writes the run's outputs
     save_trained(run_dir / "model.pt", result.model, recipe.model, recipe.arch, mean=data.mean,
                  std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip,
-                 input_size=recipe.input_size)
+                 dataset=params.dataset, input_size=recipe.input_size)
     last = result.history[-1]
     metrics = {
         "run": f"{row}-seed{seed}", "model": recipe.model,
-        "architecture": spec(recipe.model).summary(recipe.arch),
+        "architecture": describe(recipe.model, recipe.arch,
+                                 (params.dataset.channels, recipe.input_size, recipe.input_size),
+                                 params.dataset.num_classes),
         "recipe": describe_recipe(recipe, epoch_images),
         "parameters": count_parameters(result.model), "epochs": recipe.epochs,
         "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,

@@ -1,4 +1,4 @@
-"""Stage download: fetch the four official files and verify their content."""
+"""Stage download: fetch the dataset's official files and verify their content."""
 
 from pathlib import Path
 
@@ -10,11 +10,12 @@ from fashionbench.params import PARAMS_FILE, load_params
 
 
 def main(params: Path = PARAMS_FILE, out: Path = Path("data/raw")) -> None:
-    """Try each source in download.sources; write data/raw only if all four files verify."""
+    """Try download.sources, then the dataset's mirrors; write data/raw only if every file
+    verifies."""
     with user_errors():
-        cfg = load_params(params).download
-        download(cfg.sources, out, cfg.timeout)
-    typer.echo(f"verified Fashion-MNIST files in {out}")
+        config = load_params(params)
+        download(config.download.sources, out, config.download.timeout, config.dataset)
+    typer.echo(f"verified {config.dataset.display_name} files in {out}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
          out: Path = Path("data/prepared")) -> None:
     """Write data/prepared/: uint8 arrays and the training part's mean and std."""
     with user_errors():
-        sizes = load_params(params).sizes()
-        train, test = load_raw(raw)
+        config = load_params(params)
+        sizes = config.sizes()
+        train, test = load_raw(raw, config.dataset)
         prepared = prepare(train, test, sizes)
     save_prepared(prepared, out)
     val = len(prepared.val) if prepared.val is not None else 0

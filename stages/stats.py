@@ -18,10 +18,10 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
     with user_errors():
         config = load_params(params)
         sizes = config.stats_sizes()
-        train, test = load_raw(raw)
+        train, test = load_raw(raw, config.dataset)
     write_json(metrics, summary(train, test))
-    write_json(report, description(train, test))
-    write_figures(train, sizes, config.seed, plots)
+    write_json(report, description(train, test, config.dataset.classes))
+    write_figures(train, sizes, config.seed, plots, config.dataset)
 
 
 if __name__ == "__main__":

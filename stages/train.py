@@ -36,7 +36,7 @@ def main(model: str = typer.Argument(..., help="a deep row of params.yaml: cnn, 
     with user_errors():
         config = load_params(params)
         config.recipe(model)  # an unknown model fails before anything is written
-        data = load_prepared(prepared)
+        data = load_prepared(prepared, config.dataset)
         if not distributed.is_main():  # torchrun: rank 0 writes the outputs and curves
             train_and_save(model, config, data, seed, models / model / f"seed{seed}",
                            metrics / f"{run_id}.json", progress=False)

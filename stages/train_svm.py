@@ -23,7 +23,7 @@ def main(variant: str = typer.Argument(..., help="a recipe under params.yaml `sv
     with user_errors():
         config = load_params(params)
         cfg = recipe(config, variant)
-        data = load_prepared(prepared)
+        data = load_prepared(prepared, config.dataset)
         run = train_variant(cfg, data.train, data.test, variant, config.seed, config.quick)
     save_run(run, models / variant, metrics / f"svm-{variant}.json")
     m = run.metrics

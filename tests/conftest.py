@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner, Result
 
 from fashionbench import data
+from fashionbench.dataset import FASHION_MNIST, Checksum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,8 @@ def invoke(main: Callable, args=()) -> Result:
     app = typer.Typer()
     app.command()(main)
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
 REAL_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -70,7 +73,8 @@ def synthetic_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         content = idx_bytes(array)
         digests[name] = hashlib.sha256(content).hexdigest()
         (source / f"{name}.gz").write_bytes(gzip.compress(content))
-    monkeypatch.setattr(data, "FILES", digests)
+    for name, digest in digests.items():
+        monkeypatch.setitem(FASHION_MNIST.files, name, Checksum(sha256=digest))
     return source
 
 

@@ -238,7 +238,7 @@ def test_recipe_lookup_lists_the_recipes(params_dict):
     ("kernel", "sigmoid", "'sigmoid' is not one of"),
     ("C", 0, "must be > 0"),
     ("C", -1.0, "must be > 0"),
-    ("pca_components", 800, "images have 784 pixels"),
+    ("pca_components", 800, "images have 784 pixel values"),
     ("hog_block", 8, "do not fit"),
     ("hog_input", "scaled", "'scaled' is not one of 'pixels', 'standardised'"),
 ])

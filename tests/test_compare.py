@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fashionbench import gate, quick, readme, report
-from fashionbench.dataset import CLASS_NAMES
+from fashionbench.dataset import FASHION_MNIST
 from fashionbench.errors import UserError
 from fashionbench.params import Plan, load_plan
 from fashionbench.scores import classification_metrics
@@ -20,7 +20,8 @@ LABELS = np.repeat(np.arange(10), 10)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 PLAN = Plan(quick=True, seeds={"cnn": (0, 1), "mlp": (0, 1), "wrn": (0, 1)}, svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
-            epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02)
+            epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02,
+            classes=FASHION_MNIST.classes)
 SEED_0 = {row: (0,) for row in PLAN.deep}
 
 
@@ -58,7 +59,7 @@ def add_run(root, run_id, probs, train, **evaluated):
     """metrics/train, metrics/eval and predictions files of one run, as the stages write them."""
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == LABELS))
-    macro_f1 = classification_metrics(LABELS, pred)["macro_f1"]
+    macro_f1 = classification_metrics(LABELS, pred, 10)["macro_f1"]
     record = {"accuracy": accuracy, "macro_f1": macro_f1} | evaluated
     gallery = root / "plots/eval" / run_id / "mistakes.png"
     gallery.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def test_class_accuracy_comes_from_the_predictions(tree):
     table = report.compare(PLAN, tree)
     for row, runs in (("svm-rbf", ["svm-rbf"]), ("cnn", ["cnn-seed0", "cnn-seed1"])):
         expected = {}
-        for c, name in enumerate(CLASS_NAMES):
+        for c, name in enumerate(FASHION_MNIST.classes):
             per_run = [1 - np.mean(wrong_in(np.load(tree / f"predictions/{r}.npz")["probs"])[LABELS == c])
                        for r in runs]
             expected[name] = pytest.approx(np.mean(per_run), abs=1e-5)
@@ -391,7 +392,7 @@ def entry(accuracy, macro_f1=None, tta=None):
             "accuracy_std": 0.0, "macro_f1": macro_f1 if macro_f1 is not None else accuracy,
             "macro_f1_std": 0.0, "tta_accuracy": tta, "batchstat_accuracy": None, "epochs": 1,
             "train_size": 4000, "train_s": 1.0, "hardware": "cpu: AMD EPYC 7B13, 2 threads",
-            "scale": "quick", "seed_reported": "-", "class_accuracy": dict.fromkeys(CLASS_NAMES, accuracy)}
+            "scale": "quick", "seed_reported": "-", "class_accuracy": dict.fromkeys(FASHION_MNIST.classes, accuracy)}
 
 
 NOT_RUN = {"runs": 0, "not_run": True, "command": "dvc repro evaluate@x-0", "estimate": "-",

@@ -13,6 +13,7 @@ import yaml
 
 from fashionbench import data
 from fashionbench.data import DataError, parse_idx
+from fashionbench.dataset import FASHION_MNIST
 from fashionbench.params import Sizes
 from tests.conftest import idx_bytes, invoke
 
@@ -47,7 +48,7 @@ def test_parse_idx_rejects_bad_files(content, fragment):
 def test_download_from_a_directory(synthetic_source, tmp_path):
     dest = tmp_path / "raw"
     data.download((str(synthetic_source),), dest, timeout=1)
-    assert sorted(p.name for p in dest.iterdir()) == sorted(data.FILES)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(FASHION_MNIST.files)
     train, test = data.load_raw(dest)
     assert train.images.shape == (300, 28, 28) and len(test) == 50
 
@@ -245,7 +246,7 @@ def test_arrays_without_a_test_split_are_rejected(prepared_dir):
     with np.load(prepared_dir / "arrays.npz") as saved:
         kept = {k: saved[k] for k in saved.files if not k.startswith("test")}
     np.savez(prepared_dir / "arrays.npz", **kept)
-    assert "no valid test split" in one_line_error(prepared_dir)
+    assert "no test split of fashion-mnist images" in one_line_error(prepared_dir)
 
 
 # ---------------------------------------------------------------- a full disk
@@ -381,7 +382,7 @@ def test_stats_stage_on_synthetic_files(raw_splits, tmp_path, write_params, monk
 
     # the quick scale's t-SNE and PCA sizes reach the figures; the full run uses the stats section
     seen = []
-    monkeypatch.setattr(stage, "write_figures", lambda train, cfg, seed, out: seen.append(cfg))
+    monkeypatch.setattr(stage, "write_figures", lambda train, cfg, seed, out, dataset: seen.append(cfg))
     assert run_stage(stage.main, ["--params", params, "--raw", tmp_path / "raw", "--metrics", metrics,
                                   "--report", report, "--plots", plots]).exit_code == 0
 
@@ -400,7 +401,7 @@ def test_real_files_statistics(real_raw):
     from fashionbench.stats import description
 
     train, test = data.load_raw(real_raw)
-    stats = description(train, test)
+    stats = description(train, test, FASHION_MNIST.classes)
     assert set(stats["train_per_class"].values()) == {6000}
     assert set(stats["test_per_class"].values()) == {1000}
     assert f"{stats['train_mean']:.4f}" == "0.2860"

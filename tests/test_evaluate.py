@@ -12,6 +12,7 @@ from torch import nn
 
 from fashionbench import evaluate as ev
 from fashionbench.data import Split, save_prepared
+from fashionbench.dataset import FASHION_MNIST
 from fashionbench import augment
 from fashionbench.models import build_model, load_trained, save_trained
 from fashionbench.models.cnn import CNNArch
@@ -74,28 +75,28 @@ def test_metrics_on_known_predictions():
     pred[[0, 1]] = 1  # both T-shirts called Trouser
     probs = np.full((20, 10), 0.05, dtype=np.float32)
     probs[np.arange(20), pred] = 0.55
-    m = classification_metrics(labels, pred, probs)
+    m = classification_metrics(labels, pred, 10, probs)
     assert set(m) == {"accuracy", "macro_f1", "log_loss"}  # per-class scores live in the report
     assert m["accuracy"] == pytest.approx(18 / 20)
     # Trouser: precision 0.5, recall 1, F1 2/3; T-shirt: 0; eight perfect classes
     assert m["macro_f1"] == pytest.approx((8 + 2 / 3) / 10)
     expected_loss = -np.mean(np.log(np.where(pred == labels, 0.55, 0.05)))
     assert m["log_loss"] == pytest.approx(expected_loss, rel=1e-5)
-    assert "log_loss" not in classification_metrics(labels, pred)
+    assert "log_loss" not in classification_metrics(labels, pred, 10)
 
 
 def test_class_accuracy_is_each_class_recall():
     labels = np.repeat(np.arange(10), 2)
     pred = labels.copy()
     pred[[0, 3]] = 5  # one T-shirt and one Trouser missed
-    recall = class_accuracy(labels, pred)
-    assert list(recall) == list(ev.CLASS_NAMES)
+    recall = class_accuracy(labels, pred, FASHION_MNIST.classes)
+    assert list(recall) == list(FASHION_MNIST.classes)
     assert recall["T-shirt/top"] == recall["Trouser"] == 0.5 and recall["Sandal"] == 1.0
 
 
 def test_log_loss_of_a_certain_miss_is_finite():
     probs = np.array([[1.0, 0.0] + [0.0] * 8], dtype=np.float32)
-    m = classification_metrics(np.array([1]), np.array([0]), probs)
+    m = classification_metrics(np.array([1]), np.array([0]), 10, probs)
     assert np.isfinite(m["log_loss"]) and m["log_loss"] == pytest.approx(-np.log(1e-7), rel=1e-4)
 
 
@@ -149,7 +150,7 @@ def test_batch_statistics_use_each_batch_and_keep_the_running_ones():
 
 def test_confusion_csv_uses_class_names(tmp_path):
     path = tmp_path / "confusion.csv"
-    ev.write_confusion_csv(np.array([0, 9]), np.array([6, 9]), path)
+    ev.write_confusion_csv(np.array([0, 9]), np.array([6, 9]), path, FASHION_MNIST.classes)
     rows = list(csv.reader(path.open()))
     assert rows == [["actual", "predicted"], ["T-shirt/top", "Shirt"], ["Ankle boot", "Ankle boot"]]
 
@@ -181,12 +182,12 @@ def test_gradcam_on_the_last_conv_stage(name, arch, layer_type):
 def test_first_layer_weights_of_conv_and_dense_models():
     torch.manual_seed(0)
     mlp = build_model("mlp", MLPArch(hidden=(16,), dropout=0.0))
-    maps, title = ev.first_layer_weights(mlp)
+    maps, title = ev.first_layer_weights(mlp, (1, 28, 28))
     first = next(m for m in mlp.modules() if isinstance(m, nn.Linear))
     assert maps.shape == (16, 28, 28) and "16 units" in title
     np.testing.assert_array_equal(maps[3].reshape(-1), first.weight[3].detach().numpy())
     cnn = build_model("cnn", CNNArch(dropout=0.5))
-    maps, title = ev.first_layer_weights(cnn)
+    maps, title = ev.first_layer_weights(cnn, (1, 28, 28))
     conv = next(m for m in cnn.modules() if isinstance(m, nn.Conv2d))
     assert maps.shape == (conv.out_channels, *conv.kernel_size) and "filters" in title
 
@@ -197,7 +198,7 @@ def test_no_gradcam_for_the_mlp():
 
 def test_one_per_class_is_fixed_and_cycles_classes():
     labels = np.repeat(np.arange(10), 3)
-    idx = ev.one_per_class(labels, 12)
+    idx = ev.one_per_class(labels, 12, 10)
     assert list(labels[idx]) == list(range(10)) + [0, 1]
     assert list(idx[:2]) == [0, 3] and idx[10] == 1
 
@@ -219,7 +220,7 @@ def test_deep_run_writes_every_output(repo):
     assert metrics["accuracy"] == pytest.approx(accuracy_of(saved["probs"]))
     confusion = list(csv.reader((repo / "plots/confusion/cnn-seed0.csv").open()))
     assert confusion[0] == ["actual", "predicted"] and len(confusion) == 51
-    assert [row[1] for row in confusion[1:]] == [ev.CLASS_NAMES[p] for p in saved["probs"].argmax(1)]
+    assert [row[1] for row in confusion[1:]] == [FASHION_MNIST.classes[p] for p in saved["probs"].argmax(1)]
     plots = repo / "plots/eval/cnn-seed0"
     names = {"mistakes.png", "gradcam.png", "first_layer.png"}
     assert {p.name for p in plots.iterdir()} == names

@@ -1,13 +1,14 @@
 """The model registry: shapes, pinned parameter counts, registering a model, saved-model round
 trips and the errors that name the stage to re-run."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from fashionbench.models import (REGISTRY, TrainedModelError, build_model, count_parameters,
+from fashionbench.models import (REGISTRY, TrainedModelError, build_model, count_parameters, describe,
                                  load_trained, save_trained)
 from fashionbench.models.cnn import CNNArch
 from fashionbench.models.mlp import MLPArch
@@ -158,11 +159,11 @@ def tiny_model():
     spec("cnn")  # load the package's own models first, as any real look-up would
     assert name not in REGISTRY
 
-    @register(name, TinyArch, summary=lambda a: f"tiny linear, hidden {a.hidden}")
+    @register(name, TinyArch, summary=lambda arch, shape, classes: f"tiny linear, hidden {arch.hidden}")
     class TinyLinear(nn.Module):
-        def __init__(self, arch: TinyArch, in_channels: int = 1, num_classes: int = 10):
+        def __init__(self, arch: TinyArch, input_shape=(1, 28, 28), num_classes: int = 10):
             super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, arch.hidden),
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), arch.hidden),
                                      nn.ReLU(), nn.Linear(arch.hidden, num_classes))
 
         def forward(self, x):
@@ -178,7 +179,7 @@ def test_a_registered_model_is_buildable_and_accepted_by_params(tiny_model, para
     model = build_model(tiny_model, TinyArch(hidden=5))
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert count_parameters(model) == 784 * 5 + 5 + 5 * 10 + 10
-    assert spec(tiny_model).summary(TinyArch(5)) == "tiny linear, hidden 5"
+    assert describe(tiny_model, TinyArch(5), (1, 28, 28), 10) == "tiny linear, hidden 5"
 
     params_dict["tiny"] = {"model": tiny_model, "arch": {"hidden": 7}, "epochs": 2}
 

@@ -31,7 +31,7 @@ def expect_error(params_dict, fragments, key_suffix: str | None = None) -> Param
 
 def test_repository_params_load():
     params = load_params(REPO / "params.yaml")
-    assert params.download.sources and params.seeds
+    assert params.dataset.name == "fashion-mnist" and params.seeds
     assert set(params.svm)  # at least one SVM recipe
     assert set(DEEP_ROWS) <= set(params.recipes)
     for row, recipe in params.recipes.items():
@@ -128,7 +128,8 @@ def test_quick_caps_epochs_and_precise_bn_through_recipe(params_dict, row):
     params_dict["quick"] = True
     quick = params_from_dict(params_dict)
     scale = params_dict["quick_scale"]
-    assert full.recipe(row) == full.recipes[row]
+    assert full.recipe(row) == dataclasses.replace(full.recipes[row], input_size=full.recipe(row).input_size)
+    assert full.recipe(row).input_size in (28, 32)  # 0 (as stored) is resolved to the side
     assert quick.recipes[row].epochs == params_dict[row]["epochs"]  # the table is untouched
     images = scale["epoch_images"].get(row, scale["epoch_images"]["default"])
     assert quick.epoch_images(row) == images and full.epoch_images(row) == 0
@@ -222,8 +223,8 @@ def test_misspelt_key_in_a_plain_section(params_dict):
 
 
 @pytest.mark.parametrize("row, key, value, fragment", [
-    ("cnn", "input_size", 32, "cnn takes 28 px inputs, not 32"),   # a fixed-size fc head
-    ("wrn", "input_size", 30, "wrn takes 28 or 32 px inputs, not 30"),
+    ("cnn", "input_size", 64, "fashion-mnist trains at 0 (as stored, 28 px) or 28 or 32 px, not 64"),
+    ("wrn", "input_size", 30, "or 28 or 32 px, not 30"),
     ("wrn", "optimizer", "rangr", "'adamw', 'sgd', 'ranger'"),
 ])
 def test_an_impossible_recipe_option_names_the_key(params_dict, row, key, value, fragment):
@@ -324,9 +325,30 @@ def test_subset_larger_than_what_is_left(params_dict):
     assert expect_error(params_dict, "50000").key == "preprocess.subset_size"
 
 
-def test_empty_sources(params_dict):
-    params_dict["download"]["sources"] = []
-    assert expect_error(params_dict, "at least one").key == "download.sources"
+def test_an_unknown_dataset_is_named_with_a_suggestion(params_dict):
+    params_dict["data"]["name"] = "fashion_mnist"
+    expect_error(params_dict, ["unknown dataset 'fashion_mnist'", "did you mean 'fashion-mnist'"], "data.name")
+
+
+def test_an_idx_set_needs_its_class_names(params_dict):
+    params_dict["data"]["name"] = "idx"
+    expect_error(params_dict, "class names in label order", "data.idx.classes")
+
+
+@pytest.mark.parametrize("name, shape, classes", [
+    ("mnist", (1, 28, 28), 10), ("kmnist", (1, 28, 28), 10), ("cifar-10", (3, 32, 32), 10)])
+def test_the_dataset_decides_shapes_and_sizes(params_dict, name, shape, classes):
+    params_dict["data"]["name"] = name
+    params = params_from_dict(params_dict)
+    assert params.dataset.shape == shape and params.dataset.num_classes == classes
+    assert params.recipe("cnn").input_size == shape[1]  # 0: as stored
+
+
+def test_sizes_are_checked_against_the_dataset_named(params_dict):
+    params_dict["data"] = {"name": "idx", "idx": {"classes": ["a", "b", "c"], "image_side": 12,
+                                                  "light_on_dark": True}}
+    params_dict["svm"]["rbf"]["hog_cells"] = [8]  # fits 28 px, not 12
+    expect_error(params_dict, "between 1 and 6", "svm.rbf.hog_cells")
 
 
 @pytest.mark.parametrize("depth", [12, 41, 4])

@@ -12,7 +12,7 @@ from PIL import Image
 from fashionbench import classical
 from fashionbench import predict as pr
 from fashionbench.data import load_raw
-from fashionbench.dataset import CLASS_NAMES
+from fashionbench.dataset import FASHION_MNIST
 from fashionbench.evaluate import predict_proba, softmax
 from fashionbench.models import build_model, save_trained
 from fashionbench.models.cnn import CNNArch
@@ -74,15 +74,15 @@ def test_any_size_and_aspect_becomes_the_input_size(tmp_path):
     wide = np.zeros((40, 90), dtype=np.uint8)
     wide[10:30, 20:70] = 200                   # a bright garment on a dark, wide photo
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    fitted = pr.load_image(tmp_path / "wide.png", 28)
+    fitted = pr.load_image(tmp_path / "wide.png")
     assert fitted.shape == (28, 28) and fitted[0].max() == 0 and fitted[14, 14] == 200
 
 
 def test_polarity_is_detected_and_can_be_forced(tmp_path, test_images):
     image = test_images[0][0]
     dark_on_light = write_pngs(tmp_path / "inv", [image], lambda a: 255 - a)[0]
-    assert np.array_equal(pr.load_image(dark_on_light, 28), image)
-    assert np.array_equal(pr.load_image(dark_on_light, 28, "light-on-dark"), 255 - image)
+    assert np.array_equal(pr.load_image(dark_on_light), image)
+    assert np.array_equal(pr.load_image(dark_on_light, polarity="light-on-dark"), 255 - image)
 
 
 def test_svm_row_ranks_by_its_decision_scores(tmp_path, test_images, real_raw):
@@ -109,7 +109,7 @@ def test_command_prints_three_classes_and_json(tmp_path, cnn_file, test_images, 
     assert text.exit_code == 0, text.output
     lines = text.output.strip().splitlines()
     assert len(lines) == 2 and all(line.count(".") >= 3 for line in lines)
-    assert all(sum(name in line for name in CLASS_NAMES) >= 3 for line in lines)
+    assert all(sum(name in line for name in FASHION_MNIST.classes) >= 3 for line in lines)
     machine = invoke(pr.main, [*files, "--model", str(path), "--json", "--top", "2"])
     parsed = json.loads(machine.output)
     assert [len(r["top"]) for r in parsed] == [2, 2] and parsed[0]["kind"] == "probability"

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from fashionbench.dataset import IMAGE_SIDE
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -25,12 +24,12 @@ class CNNArch:
     def __post_init__(self) -> None:
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _require(1 <= len(self.widths) <= 3 and all(w >= 1 for w in self.widths), "widths",
-                 "list 1 to 3 stage widths >= 1 (28 px halves at each stage), e.g. [32, 64]")
+                 "list 1 to 3 stage widths >= 1 (each stage halves the side), e.g. [32, 64]")
         _require(self.convs >= 1, "convs", "must be >= 1")
         _require(self.hidden >= 1, "hidden", "must be >= 1")
 
 
-def _summary(arch: CNNArch) -> str:
+def _summary(arch: CNNArch, shape: tuple[int, int, int], classes: int) -> str:
     if arch == CNNArch(arch.dropout):
         return f"2-conv CNN, dropout {arch.dropout:g}"
     convs = f" x{arch.convs} convs" if arch.convs > 1 else ""
@@ -46,10 +45,11 @@ class CNN(nn.Module):
     conv64-relu-pool, fc256-relu-dropout, fc10 (824,458 parameters: 64 maps of 7x7 feed a
     3136-wide fc)."""
 
-    def __init__(self, arch: CNNArch, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, arch: CNNArch, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = []
-        channels = in_channels
+        channels = input_shape[0]
         for width in arch.widths:
             for _ in range(arch.convs):
                 layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=not arch.batch_norm))
@@ -58,7 +58,7 @@ class CNN(nn.Module):
                 channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        side = IMAGE_SIDE >> len(arch.widths)
+        side = input_shape[1] >> len(arch.widths)
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * side * side, arch.hidden), nn.ReLU(inplace=True),
             nn.Dropout(arch.dropout), nn.Linear(arch.hidden, num_classes),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 from torch import Tensor, nn
 
-from fashionbench.dataset import CLASSES, PIXELS
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -21,18 +22,19 @@ class MLPArch:
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 
-def _summary(arch: MLPArch) -> str:
-    return "MLP " + "-".join(map(str, (PIXELS, *arch.hidden, CLASSES)))
+def _summary(arch: MLPArch, shape: tuple[int, int, int], classes: int) -> str:
+    return "MLP " + "-".join(map(str, (math.prod(shape), *arch.hidden, classes)))
 
 
 @register("mlp", MLPArch, summary=_summary)
 class MLP(nn.Module):
     """pixels - hidden... - classes with ReLU (and dropout when set) after each hidden layer."""
 
-    def __init__(self, arch: MLPArch, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, arch: MLPArch, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = in_channels * PIXELS
+        width = math.prod(input_shape)
         for hidden in arch.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
             if arch.dropout:

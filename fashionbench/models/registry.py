@@ -1,6 +1,6 @@
 """The one list of deep models. A model registers itself where it is defined:
 
-    @register("cnn", CNNArch, summary=lambda a: f"2-conv CNN, dropout {a.dropout}")
+    @register("cnn", CNNArch, summary=lambda arch, shape, classes: f"2-conv CNN, dropout {arch.dropout}")
     class CNN(nn.Module): ...
 
 Every module of this package is imported on first look-up, so a new file here is the whole
@@ -15,7 +15,6 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fashionbench.dataset import IMAGE_SIDE, INPUT_SIZES
 from fashionbench.errors import UserError
 
 
@@ -23,23 +22,23 @@ from fashionbench.errors import UserError
 class ModelSpec:
     name: str
     arch: type                       # frozen dataclass of architecture params (`arch:` of a recipe)
-    build: Callable[..., Any]        # (arch, in_channels, num_classes) -> nn.Module
-    summary: Callable[[Any], str]    # one line for tables, e.g. "WRN-40-4 post-act"
+    build: Callable[..., Any]        # (arch, input_shape (C, H, W), num_classes) -> nn.Module
+    summary: Callable[..., str]      # (arch, input_shape, num_classes) -> one line for tables,
+                                     # e.g. "WRN-40-4 post-act"
     shared: str | None = None        # a params.yaml section merged under `arch:` (WRN: `model`)
-    input_sizes: tuple[int, ...] = (IMAGE_SIDE,)  # image sides it takes: a fixed-size head, 28 only
 
 
 REGISTRY: dict[str, ModelSpec] = {}
 _loaded = False
 
 
-def register(name: str, arch: type, *, summary: Callable[[Any], str], shared: str | None = None,
-             input_sizes: tuple[int, ...] = (IMAGE_SIDE,)) -> Callable[[type], type]:
+def register(name: str, arch: type, *, summary: Callable[..., str],
+             shared: str | None = None) -> Callable[[type], type]:
     """Class decorator: make model class `cls` buildable as `name` from an `arch` dataclass."""
     def add(cls: type) -> type:
         if name in REGISTRY and REGISTRY[name].build is not cls:
             raise ValueError(f"model {name!r} is registered twice")
-        REGISTRY[name] = ModelSpec(name, arch, cls, summary, shared, input_sizes)
+        REGISTRY[name] = ModelSpec(name, arch, cls, summary, shared)
         return cls
     return add
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -45,15 +44,15 @@ class BasicBlock(nn.Module):
         return self.relu(self.shortcut(x) + self.branch(x))
 
 
-@register("resnet", ResNetArch, summary=lambda a: f"ResNet-{_depth(a)}, 3x3 stem, dropout {a.dropout:g}",
-          input_sizes=INPUT_SIZES)
+@register("resnet", ResNetArch, summary=lambda a, shape, classes: f"ResNet-{_depth(a)}, 3x3 stem, dropout {a.dropout:g}")
 class ResNet(nn.Module):
     """3x3 stem (64), four stages of basic blocks at 28, 14, 7, 4 px, global average pool,
     dropout, fc. The ImageNet 7x7 stride-2 stem and max-pool would leave a 1x1 map at 28x28."""
 
-    def __init__(self, arch: ResNetArch, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, arch: ResNetArch, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False),
+        layers: list[nn.Module] = [nn.Conv2d(input_shape[0], WIDTHS[0], 3, 1, 1, bias=False),
                                    nn.BatchNorm2d(WIDTHS[0]), nn.ReLU(inplace=True)]
         cin = WIDTHS[0]
         for stage, (width, count) in enumerate(zip(WIDTHS, arch.blocks)):
@@ -87,16 +86,17 @@ class _Residual(nn.Module):
         return x + self.branch(x)
 
 
-@register("resnet9", ResNet9Arch, summary=lambda a: f"ResNet-9, fc 512-{a.hidden}-10", input_sizes=INPUT_SIZES)
+@register("resnet9", ResNet9Arch, summary=lambda a, shape, classes: f"ResNet-9, fc 512-{a.hidden}-{classes}")
 class ResNet9(nn.Module):
     """conv64, conv128+pool, res128 x2, conv256+pool, conv512+pool, res512 x2, pool, fc.
     The lab's final MaxPool2d(4) turns CIFAR's 4x4 map into 1x1; at 28x28 the map is 3x3
     (28 -> 14 -> 7 -> 3), so an adaptive max-pool to 1x1 takes its place."""
 
-    def __init__(self, arch: ResNet9Arch, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, arch: ResNet9Arch, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            _conv(in_channels, 64), _conv(64, 128, pool=True), _Residual(128),
+            _conv(input_shape[0], 64), _conv(64, 128, pool=True), _Residual(128),
             _conv(128, 256, pool=True), _conv(256, 512, pool=True), _Residual(512),
             nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(512, arch.hidden), nn.ReLU(inplace=True),

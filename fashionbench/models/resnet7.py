@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -38,7 +37,7 @@ class ResidualBlock(nn.Module):
         return self.relu(x + self.branch(x))
 
 
-@register("resnet7", ResNet7Arch, summary=lambda a: f"ResNet-7, width {a.width}", input_sizes=INPUT_SIZES)
+@register("resnet7", ResNet7Arch, summary=lambda a, shape, classes: f"ResNet-7, width {a.width}")
 class ResNet7(nn.Module):
     """conv-bn-relu, block, maxpool, conv-bn-relu, block, global average pool, fc.
 
@@ -50,11 +49,12 @@ class ResNet7(nn.Module):
     only would give the same count; a norm after every conv is the usual ResNet layout.)
     """
 
-    def __init__(self, arch: ResNet7Arch, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, arch: ResNet7Arch, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
         w = arch.width
         self.features = nn.Sequential(
-            _conv_bn_relu(in_channels, w), ResidualBlock(w), nn.MaxPool2d(2),
+            _conv_bn_relu(input_shape[0], w), ResidualBlock(w), nn.MaxPool2d(2),
             _conv_bn_relu(w, w), ResidualBlock(w),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )

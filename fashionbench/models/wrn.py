@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fashionbench.dataset import INPUT_SIZES
 from fashionbench.models.registry import register
 from fashionbench.params import _require
 
@@ -39,7 +38,7 @@ class WRNConfig:
         _require(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
 
 
-def _summary(cfg: WRNConfig) -> str:
+def _summary(cfg: WRNConfig, shape: tuple[int, int, int], classes: int) -> str:
     name = f"{'SE-' if cfg.se_reduction else ''}WRN-{cfg.depth}-{cfg.widen} {cfg.block}-act"
     extras = [f"dropout {cfg.dropout:g}"] if cfg.dropout else []
     if cfg.activation != "relu":
@@ -131,7 +130,7 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-@register("wrn", WRNConfig, summary=_summary, shared="model", input_sizes=INPUT_SIZES)
+@register("wrn", WRNConfig, summary=_summary, shared="model")
 class WideResNet(nn.Module):
     """WRN-depth-widen (depth = 6n + 4): a 3x3 stem of 16 channels, three stages of n blocks
     with 16k, 32k and 64k channels (strides 1, 2, 2: 28 -> 14 -> 7), global pool and fc.
@@ -150,12 +149,13 @@ class WideResNet(nn.Module):
     of every stage with probability drop_path, the first (shape-changing) block never.
     """
 
-    def __init__(self, cfg: WRNConfig, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, cfg: WRNConfig, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
         super().__init__()
         n = (cfg.depth - 4) // 6
         widths = [16, 16 * cfg.widen, 32 * cfg.widen, 64 * cfg.widen]
         post = cfg.block == "post"
-        stem: list[nn.Module] = [_conv3x3(in_channels, widths[0])]
+        stem: list[nn.Module] = [_conv3x3(input_shape[0], widths[0])]
         if post:
             stem += [nn.BatchNorm2d(widths[0]), _activation(cfg)]
         blocks, total = [], 3 * n
