@@ -342,7 +342,7 @@ def describe(cfg: SVM) -> str:
     return text
 
 
-def check_fits_data(cfg: SVM, n_train: int, key: str) -> None:
+def check_fits_data(cfg: SVM, n_train: int, key: str, num_classes: int = 10) -> None:
     """Raise ParamsError (naming `key`.field) where a recipe cannot run on `n_train` images.
 
     params.py checks what a recipe can check alone; these depend on the prepared data.
@@ -361,7 +361,7 @@ def check_fits_data(cfg: SVM, n_train: int, key: str) -> None:
         raise ParamsError(f"{key}.kernel", f"rbf+poly with solver libsvm builds the full "
                           f"{used} x {used} kernel matrix; use train_size <= "
                           f"{HYBRID_LIBSVM_MAX_IMAGES} or solver: nystroem")
-    if cfg.cv_folds > 1 and cfg.cv_folds > used // 10:
+    if cfg.cv_folds > 1 and cfg.cv_folds > used // num_classes:
         raise ParamsError(f"{key}.cv_folds", f"{cfg.cv_folds} folds need at least "
                           f"{cfg.cv_folds} images per class; {used} images are used")
 
@@ -431,9 +431,11 @@ def _fit_searched(cfg: SVM, images: np.ndarray, labels: np.ndarray, seed: int) -
 
 
 def score(model: Pipeline, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(decision scores float32 (N, 10), predicted labels int64 (N,), seconds taken)."""
+    """(decision scores float32 (N, classes), predicted labels int64 (N,), seconds taken)."""
     start = time.perf_counter()
     scores = model.decision_function(images).astype(np.float32)
+    if scores.ndim == 1:  # two classes: scikit-learn gives one score, for the second class
+        scores = np.stack([-scores, scores], axis=1)
     pred = model.named_steps["clf"].classes_[scores.argmax(axis=1)].astype(np.int64)
     return scores, pred, time.perf_counter() - start
 
@@ -453,7 +455,7 @@ class SVMRun:
 def train_variant(cfg: SVM, train: Split, test: Split, variant: str, seed: int,
                   quick: bool) -> SVMRun:
     """Check, subsample (stratified, seeded), fit on `train` and score `test`."""
-    check_fits_data(cfg, len(train), f"svm.{variant}")
+    check_fits_data(cfg, len(train), f"svm.{variant}", len(np.unique(train.labels)))
     if cfg.train_size:
         keep = stratified_take(train.labels, cfg.train_size, seed)
         train = Split(train.images[keep], train.labels[keep])

@@ -24,11 +24,17 @@ from fashionbench.params import Sizes
 
 
 def how_to_get(dataset: Dataset) -> str:
-    files = dataset.archive or f"the {len(dataset.files)} official files (.gz or not)"
-    debian = " install Debian's package (apt-get install dataset-fashion-mnist), or" \
-        if dataset is FASHION_MNIST else ""
-    return (f"To get the data:{debian} allow access to one of {dataset.name}'s mirrors, or put "
-            f"{files} in a directory and list it under download.sources in params.yaml.")
+    """What a user can do when no source gave verified files of `dataset`."""
+    if dataset.archive:
+        files = f"{dataset.archive} (or its extracted files)"
+    elif any(c.md5_gz for c in dataset.files.values()):
+        files = f"the {len(dataset.files)} official .gz files"
+    else:
+        files = f"the {len(dataset.files)} files (.gz or not)"
+    ways = ["install Debian's package (apt-get install dataset-fashion-mnist)"] if dataset.name == "fashion-mnist" else []
+    ways += [f"allow access to {', '.join(dataset.mirrors)}"] if dataset.mirrors else []
+    ways.append(f"put {files} in a directory and list it under download.sources in params.yaml")
+    return "To get the data: " + ", or ".join(ways) + "."
 
 
 class DataError(UserError):
@@ -85,9 +91,12 @@ def parse_cifar_batch(content: bytes, name: str, side: int = 32) -> tuple[np.nda
     order R, G, B, and `labels`) -> images (N, side, side, 3) uint8, labels (N,) int64."""
     batch = _unpickle(content, name)
     try:
-        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
     except KeyError as err:
         raise DataError(f"{name}: not a CIFAR-10 batch file (no {err} entry)") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{name}: labels are not a list of integers: the file is corrupt")
+    labels = labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side or len(data) != len(labels):
         raise DataError(f"{name}: data {data.dtype} {data.shape} for {len(labels)} labels, "
                         f"expected uint8 (N, {3 * side * side}): the file is corrupt")
@@ -336,6 +345,10 @@ PREPARED_STATS = "norm.json"
 def prepare(train: Split, test: Split, sizes: Sizes) -> Prepared:
     """Carve a stratified validation split from train, then optional stratified subsets of the
     rest and of the test set (the quick run's sizes)."""
+    # params.py checks these against the counts a dataset publishes; an `idx` set's are known here
+    if sizes.validation_size + sizes.subset_size > len(train):
+        raise DataError(f"validation_size {sizes.validation_size} + subset_size {sizes.subset_size} "
+                        f"leave too few of the {len(train)} training images: lower them in params.yaml")
     val_idx = stratified_take(train.labels, sizes.validation_size, sizes.seed)
     rest = np.setdiff1d(np.arange(len(train)), val_idx)
     if sizes.subset_size:

@@ -423,13 +423,14 @@ class Params:
         if row not in self.recipes:
             raise ParamsError(row, f"no such training section; deep rows: {', '.join(self.recipes)}")
         recipe = self.recipes[row]
-        if recipe.input_size == 0:
-            recipe = dataclasses.replace(recipe, input_size=self.dataset.side)
-        if self.quick:
-            epochs = min(recipe.epochs, self.quick_scale.epochs)
-            recipe = dataclasses.replace(  # warmup keeps its fraction of the schedule
-                recipe, epochs=epochs, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs,
-                precise_bn=min(recipe.precise_bn, self.epoch_images(row)))
+        with reading(self.dataset):  # replace() validates again, against this dataset
+            if recipe.input_size == 0:
+                recipe = dataclasses.replace(recipe, input_size=self.dataset.side)
+            if self.quick:
+                epochs = min(recipe.epochs, self.quick_scale.epochs)
+                recipe = dataclasses.replace(  # warmup keeps its fraction of the schedule
+                    recipe, epochs=epochs, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs,
+                    precise_bn=min(recipe.precise_bn, self.epoch_images(row)))
         return recipe
 
     @property
@@ -601,6 +602,7 @@ class Plan:
     epochs: dict[str, int]            # each deep row's recipe epochs
     ensemble: tuple[str, ...]
     tolerance: float
+    dataset: str                      # data.name
     classes: tuple[str, ...]          # the dataset's class names, in label order
 
     def rows(self) -> list[str]:
@@ -626,11 +628,12 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     deep = deep_rows(raw)
     defaults = raw.get("train_defaults") or {}
     compare = _build(Compare, raw.get("compare"), "compare")
+    data = _build(Data, raw.get("data"), "data")
     seeds = raw.get("seeds") or {}
     seeds = {str(row): tuple(values) for row, values in seeds.items()} if isinstance(seeds, Mapping) else {}
     return Plan(bool(raw.get("quick")), seeds, tuple(raw.get("svm") or ()),
                 tuple(deep), {k: int(raw[k].get("epochs", defaults.get("epochs", 0))) for k in deep},
-                compare.ensemble, compare.tolerance, _build(Data, raw.get("data"), "data").dataset().classes)
+                compare.ensemble, compare.tolerance, data.name, data.dataset().classes)
 
 
 def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:

@@ -11,8 +11,8 @@ a grey dataset, grey with the subject bright on a dark background where the data
 (a bright border means a dark-on-light photo, which is inverted); for a colour one (CIFAR-10),
 RGB as it is. Then padded to a square, resized to the dataset's side and normalised with the
 training statistics. An image already in the dataset's form (Fashion-MNIST: 28x28 grey, light
-on dark) passes unchanged, so its prediction is exactly the evaluate stage's. SVM pipelines
-carry no dataset record: they are taken to be Fashion-MNIST's.
+on dark) passes unchanged, so its prediction is exactly the evaluate stage's. An SVM pipeline
+carries no dataset record: it is taken to be of the dataset params.yaml names.
 """
 
 from __future__ import annotations
@@ -100,7 +100,14 @@ def _svm_classifier(path: Path) -> Classifier:
         raise PredictError(f"{path} is not a readable SVM model ({type(err).__name__}): re-run "
                            f"`dvc repro {_train_stage(path)}` or `dvc pull {path}`") from None
     # SVMs give decision scores; their softmax ranks the classes but is not calibrated.
-    return Classifier(path, FASHION_MNIST, lambda images: softmax(decision(images)), "svm-score-softmax")
+    return Classifier(path, _params_dataset(), lambda images: softmax(decision(images)), "svm-score-softmax")
+
+
+def _params_dataset() -> Dataset:
+    """The dataset params.yaml names (the SVM stages trained on it); Fashion-MNIST without one."""
+    from fashionbench.params import PARAMS_FILE, load_params
+
+    return load_params(PARAMS_FILE).dataset if PARAMS_FILE.is_file() else FASHION_MNIST
 
 
 def _border(image: np.ndarray) -> np.ndarray:

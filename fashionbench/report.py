@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fashionbench.dataset import FASHION_MNIST
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
 from fashionbench.params import Plan, evaluate_stage
@@ -184,7 +185,8 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
     table = pd.concat([table, pd.DataFrame([_not_run(row, missing, plan) for row in not_run],
                                            index=pd.Index(not_run, name="row"))])
     table["scale"] = "quick" if plan.quick else "full"
-    table["seed_reported"] = [SEED_REPORTED.get(row, "-") for row in table.index]
+    reported = SEED_REPORTED if plan.dataset == FASHION_MNIST.name else {}  # the reports' dataset
+    table["seed_reported"] = [reported.get(row, "-") for row in table.index]
     order = [row for row in [*plan.rows(), ENSEMBLE] if row in table.index]
     return table.loc[order]
 
@@ -193,7 +195,7 @@ def _not_run(row: str, missing: list[str], plan: Plan) -> dict:
     run_ids = [m for m in missing if plan.row_of(m) == row]
     stages = " ".join(evaluate_stage(r) for r in run_ids)
     estimate = NOT_RUN_ESTIMATE.get(row, "time not measured")
-    if row in NOT_RUN_EPOCH_S and row in plan.epochs:
+    if row in NOT_RUN_EPOCH_S and row in plan.epochs and plan.dataset == FASHION_MNIST.name:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
         epochs = plan.epochs[row]
         estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU with both cores"

@@ -103,7 +103,8 @@ def _embedding(train: Split, method: str, size: int, seed: int, perplexity: floa
                       n_jobs=-1).fit_transform(reduced)
         title, axis = "t-SNE of training images", "t-SNE dimension"
     fig, ax = plt.subplots(figsize=(8, 7))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo",
+                        len(classes))
     for label, name in enumerate(classes):
         mask = labels == label
         ax.scatter(points[mask, 0], points[mask, 1], s=3, color=cmap(label), label=name)

@@ -37,7 +37,7 @@ from fashionbench import distributed, machine
 from fashionbench.lookahead import Lookahead
 from fashionbench.io import atomic_path, write_json
 from fashionbench.models import build_model, count_parameters, describe, save_trained
-from fashionbench.params import Params, TrainRecipe
+from fashionbench.params import Params, TrainRecipe, reading
 from fashionbench.seeding import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -446,7 +446,8 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     epoch 0. `on_epoch` receives each epoch's metrics, resumed epochs first.
     """
     if not recipe.input_size:  # 0: as stored
-        recipe = replace(recipe, input_size=dataset.side)
+        with reading(dataset):
+            recipe = replace(recipe, input_size=dataset.side)
     runtime = make_runtime(recipe)
     group = distributed.start(runtime.device, recipe.batch_size)
     gen = seed_everything(seed, runtime.device)

@@ -21,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 PLAN = Plan(quick=True, seeds={"cnn": (0, 1), "mlp": (0, 1), "wrn": (0, 1)}, svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
             epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02,
-            classes=FASHION_MNIST.classes)
+            dataset="fashion-mnist", classes=FASHION_MNIST.classes)
 SEED_0 = {row: (0,) for row in PLAN.deep}
 
 

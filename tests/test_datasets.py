@@ -21,7 +21,7 @@ from fashionbench import data
 from fashionbench.data import DataError, load_raw, parse_cifar_batch, parse_cifar_meta
 from fashionbench.dataset import CIFAR_TEST, CIFAR_TRAIN, DATASETS, IDX_FILES, Checksum, idx_dataset
 from fashionbench.models import REGISTRY, build_model, spec
-from fashionbench.params import load_params
+from fashionbench.params import load_params, params_from_dict
 from tests.conftest import idx_bytes
 
 CIFAR = DATASETS["cifar-10"]
@@ -207,3 +207,30 @@ def test_cifar10_through_preprocess_training_and_evaluation(cifar_dir, tmp_path,
     Image.fromarray(test.images[0]).save(tmp_path / "first.png")
     top = predict([tmp_path / "first.png"], load_classifier(tmp_path / "models/cnn/seed0/model.pt"))[0]["top"]
     assert top[0]["class"] in CIFAR.classes and len(top) == 3
+
+
+def test_an_idx_set_of_any_side_trains_at_that_side(params_dict):
+    params_dict["data"] = {"name": "idx", "idx": {"classes": ["a", "b", "c"], "image_side": 64,
+                                                  "light_on_dark": True}}
+    params_dict["quick"] = True
+    params = params_from_dict(params_dict)
+    assert params.recipe("cnn").input_size == 64 and params.recipe("cnn").epochs == 1
+
+
+def test_a_two_class_svm_scores_both_classes(params_dict):
+    from fashionbench.classical import fit_model, score
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = rng.integers(0, 100, (40, 28, 28)).astype(np.uint8)
+    images[labels == 1, :, :14] += 150
+    cfg = params_from_dict(params_dict).svm["rbf"]
+    scores, pred, _ = score(fit_model(cfg, images, labels, 0).model, images)
+    assert scores.shape == (40, 2) and (pred == labels).mean() > 0.9
+
+
+def test_the_advice_fits_each_dataset(tmp_path):
+    for name, fragment in (("mnist", "the 4 official .gz files"), ("cifar-10", "cifar-10-python.tar.gz"),
+                           ("fashion-mnist", "apt-get install dataset-fashion-mnist")):
+        with pytest.raises(DataError, match=fragment):
+            data.download((str(tmp_path / "empty"),), tmp_path / "raw", 1, DATASETS[name])

@@ -69,7 +69,8 @@ def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: fl
 
 def dataset_record(dataset: Dataset) -> dict:
     """What a model file keeps of its dataset: enough to read new images as it was trained."""
-    return {"name": dataset.name, "classes": list(dataset.classes), "light_on_dark": dataset.light_on_dark}
+    return {"name": dataset.name, "classes": list(dataset.classes), "shape": list(dataset.shape),
+            "light_on_dark": dataset.light_on_dark}
 
 
 def trained_dataset(meta: dict) -> Dataset:
@@ -78,7 +79,7 @@ def trained_dataset(meta: dict) -> Dataset:
     known = DATASETS.get(record["name"])
     if known is not None:
         return known
-    return idx_dataset(tuple(record["classes"]), int(meta["input_shape"][1]), bool(record["light_on_dark"]))
+    return idx_dataset(tuple(record["classes"]), int(record["shape"][1]), bool(record["light_on_dark"]))
 
 
 def _train_stage(path: Path) -> str:
