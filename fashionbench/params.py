@@ -481,6 +481,8 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml): `data` first, then the rest
     against the dataset it names."""
+    _require(isinstance(raw.get("data"), Mapping), "data", "missing section: add `data:` with "
+             "`name: fashion-mnist` and its `idx:` keys, as the repository's params.yaml has them")
     with reading(_build(Data, raw.get("data"), "data").dataset()):
         return _build(Params, resolve(raw), "")
 

@@ -330,6 +330,11 @@ def test_an_unknown_dataset_is_named_with_a_suggestion(params_dict):
     expect_error(params_dict, ["unknown dataset 'fashion_mnist'", "did you mean 'fashion-mnist'"], "data.name")
 
 
+def test_a_missing_data_section_says_what_to_add(params_dict):
+    del params_dict["data"]
+    expect_error(params_dict, ["missing section", "name: fashion-mnist"], "data")
+
+
 def test_an_idx_set_needs_its_class_names(params_dict):
     params_dict["data"]["name"] = "idx"
     expect_error(params_dict, "class names in label order", "data.idx.classes")
