@@ -1,5 +1,5 @@
 """The classical track: HOG against scikit-image, features, kernels, the fast solver, recipes
-from params, the train_svm stage, bad inputs, and a DVC queued grid search."""
+from params, the train_svm stage and bad inputs (the DVC queued grid search is in test_pipeline)."""
 
 import dataclasses
 import json
@@ -366,75 +366,3 @@ def test_fast_recipe_on_real_images():
     run = cl.train_variant(cfg, data.train, Split(data.test.images[:2000], data.test.labels[:2000]),
                            "fast", seed=0, quick=True)
     assert run.metrics["test_accuracy"] > 0.85
-
-
-# ---------------------------------------------------------------- grid search the DVC way
-
-
-def dvc_repo_with_the_train_svm_stage(root) -> None:
-    """A git+DVC repository holding this checkout's code, params.yaml with one SVM recipe,
-    the real check_params and train_svm stages of dvc.yaml and a tiny synthetic data/prepared
-    committed to git."""
-    import shutil
-    import subprocess
-
-    import yaml
-
-    for package in ("fashionbench", "stages"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["svm"] = {"rbf": raw["svm"]["rbf"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    wanted = {name: stages[name] for name in ("check_params", "train_svm")}
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": wanted}, sort_keys=False))
-    save_prepared(with_train_stats(synthetic(10), None, synthetic(3, seed=1)), root / "data/prepared")
-    (root / ".gitignore").write_text("/models/\n")
-    for command in ("git init -q", "git config user.email ci@example.com", "git config user.name ci",
-                    "dvc init -q", "git add -A", "git commit -qm init"):
-        subprocess.run(command.split(), cwd=root, check=True)
-
-
-@pytest.mark.slow
-def test_grid_search_with_the_dvc_queue(tmp_path, monkeypatch):
-    """The README's grid search: queue one experiment per value, run the queue, list them."""
-    import subprocess
-    import time
-
-    import yaml
-
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    dvc_repo_with_the_train_svm_stage(tmp_path)
-
-    def dvc(*args: str) -> str:
-        done = subprocess.run(["dvc", *args], cwd=tmp_path, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    dvc("exp", "run", "--queue", "-S", "svm.rbf.C=1,10")
-    # The workers are forked daemons that keep inherited pipes open: give them none.
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=tmp_path, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while any(s in dvc("queue", "status") for s in ("Queued", "Running")):
-            assert time.monotonic() < deadline, dvc("queue", "status")
-            time.sleep(1)
-        assert "Failed" not in dvc("queue", "status")
-    finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-
-    runs = {}
-    for commit in json.loads(dvc("exp", "show", "--json")):
-        for experiment in commit.get("experiments") or []:
-            rev = experiment["revs"][0]
-            c = rev["data"]["params"]["params.yaml"]["data"]["svm"]["rbf"]["C"]
-            # the run record is a cached output: its hash is in the experiment's dvc.lock
-            lock = subprocess.run(["git", "show", f"{rev['rev']}:dvc.lock"], cwd=tmp_path,
-                                  capture_output=True, text=True, check=True).stdout
-            outs = yaml.safe_load(lock)["stages"]["train_svm@rbf"]["outs"]
-            md5 = next(o["md5"] for o in outs if o["path"] == "metrics/train/svm-rbf.json")
-            runs[c] = json.loads((tmp_path / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
-    assert set(runs) == {1, 10}
-    assert all(0 <= m["test_accuracy"] <= 1 and m["train_size"] == 100 for m in runs.values())
