@@ -330,7 +330,8 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate, plots: P
     probs = predict_proba(model, test.images, **norm)
     info: dict = {}
     if cfg.tta and meta.get("hflip", 0.0) > 0:
-        tta = predict_proba(model, test.images, views=("plain", "hflip"), **norm)
+        flipped = predict_proba(model, test.images, views=("hflip",), **norm)
+        tta = (probs + flipped) / 2  # the plain view's pass is already done: one pass, not two
         info["tta_accuracy"] = float(np.mean(tta.argmax(axis=1) == test.labels))
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batch = predict_proba(model, test.images, batch_stats=True, **norm)
