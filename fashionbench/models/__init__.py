@@ -59,12 +59,14 @@ def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: fl
     in `input_shape`; `dataset`: its name, class names and polarity)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     side = input_size or dataset.side
-    with atomic_path(path) as tmp:
+    # Saved through a file object, so the zip's inner folder is "archive", not the temporary
+    # file's random name: identical weights give a byte-identical file (and DVC hash).
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"model": name, "arch": _plain(arch), "state_dict": state,
                     "input_shape": [dataset.channels, side, side], "num_classes": dataset.num_classes,
                     "mean": float(mean),
                     "std": float(std), "seed": int(seed), "epochs": int(epochs),
-                    "hflip": float(hflip), "dataset": dataset_record(dataset)}, tmp)
+                    "hflip": float(hflip), "dataset": dataset_record(dataset)}, f)
 
 
 def dataset_record(dataset: Dataset) -> dict:
