@@ -1,11 +1,17 @@
 """Test-set evaluation: predictions -> metrics, flip TTA, mistakes gallery and Grad-CAM.
 
 One run id names one trained model: "<model>-seed<N>" for the deep models and
-"svm-<variant>" for the SVMs. evaluate_run() writes everything the evaluate stage records.
+"svm-<variant>" for the SVMs. evaluate_run() writes everything the evaluate stage records,
+all of it small and kept in git, so that the table is rebuilt on a clone without the DVC
+cache: metrics/eval/<id>.json, predictions/<id>.npz (test probabilities as float16, every
+metric computed from exactly these), reports/runs/<id>.json (the training record's facts and
+curves, carried over from the cached train outputs) and plots/eval/<id>/.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +25,9 @@ from fashionbench.data import Split, load_prepared
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
 from fashionbench.models import load_trained
-from fashionbench.params import Evaluate, Params, run_ids
+from fashionbench.params import RUN_RECORDS, Evaluate, Params, run_ids
 from fashionbench.scores import classification_metrics
+
 SOFTMAX = "softmax"              # predictions/<id>.npz `kind`: model probabilities
 SVM_SOFTMAX = "svm-score-softmax"  # softmax of SVM decision scores: not calibrated
 
@@ -271,8 +278,6 @@ def weight_map(maps: np.ndarray, title: str, path: Path, limit: int = 64) -> Non
 
 def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path, classes: tuple[str, ...]) -> None:
     """actual,predicted per test image as class names: the input of DVC's confusion template."""
-    import csv
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
@@ -300,6 +305,7 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     else:
         probs, info = _deep_predictions(run, root, test, cfg, plots, classes)
     kind = SVM_SOFTMAX if run.is_svm else SOFTMAX
+    probs = stored_probabilities(probs)  # every figure below is computed from what git keeps
     pred = probs.argmax(axis=1)
     # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
     metrics = classification_metrics(test.labels, pred, len(classes), None if run.is_svm else probs)
@@ -308,9 +314,45 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png", classes,
                      prob_label="score softmax" if run.is_svm else "p")
     write_json(root / "metrics/eval" / f"{run.id}.json", result)
-    with atomic_path(root / "predictions" / f"{run.id}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, probs=probs, labels=test.labels, kind=np.array(kind))
+    write_predictions(root / "predictions" / f"{run.id}.npz", probs, test.labels, kind)
+    write_json(root / RUN_RECORDS / f"{run.id}.json", run_record(run, root))
     return result
+
+
+def stored_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Probabilities as predictions/<id>.npz keeps them: float16 (10,000 x 10 is 200 KB, a
+    tenth of a percent of resolution), returned as float32 for arithmetic."""
+    return probs.astype(np.float16).astype(np.float32)
+
+
+def write_predictions(path: Path, probs: np.ndarray, labels: np.ndarray, kind: str) -> None:
+    """predictions/<id>.npz: probs (N, classes) float16, labels uint8, kind. np.savez_compressed
+    writes no timestamps, so equal arrays give equal bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, probs=probs.astype(np.float16), labels=labels.astype(np.uint8),
+                            kind=np.array(kind))
+
+
+def run_record(run: Run, root: Path) -> dict:
+    """What the table needs of a run's training record (metrics/train/<id>.json, a cached
+    output) and its per-epoch curves (plots/train/<id>/, DVCLive TSVs): carried into git
+    here so the compare stage never reads the cache."""
+    train_path = root / "metrics/train" / f"{run.id}.json"
+    try:
+        record = json.loads(train_path.read_text())
+    except (OSError, ValueError) as err:
+        stage = f"train_svm@{run.variant}" if run.is_svm else f"train_{run.model}@{run.seed}"
+        raise EvaluateError(f"{train_path} is unreadable ({err}): re-run `dvc repro {stage}`") from None
+    curves_dir = root / "plots/train" / run.id / "plots/metrics"
+    record["curves"] = {str(tsv.relative_to(curves_dir).with_suffix("")): read_curve(tsv)
+                        for tsv in sorted(curves_dir.rglob("*.tsv"))}
+    return record
+
+
+def read_curve(path: Path) -> list[list[float]]:
+    """[[step, value], ...] of a DVCLive .tsv (columns step, <name>, maybe timestamp)."""
+    with open(path, newline="") as f:
+        return [[float(r["step"]), float(r[path.stem])] for r in csv.DictReader(f, delimiter="\t")]
 
 
 def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate, plots: Path,

@@ -347,9 +347,13 @@ class Evaluate:
 class Compare:
     ensemble: tuple[str, ...]
     tolerance: float
+    reproduce: tuple[str, ...]    # run ids `python -m fashionbench.reproduce` re-trains
+    reproduce_tolerance: float
 
     def __post_init__(self) -> None:
         _require(0 <= self.tolerance < 1, "tolerance", "must be in [0, 1) (accuracy, absolute)")
+        _require(0 <= self.reproduce_tolerance < 1, "reproduce_tolerance", "must be in [0, 1) (accuracy, absolute)")
+        _require(len(self.reproduce) > 0, "reproduce", "name at least one run id (svm-fast, mlp-seed0, ...)")
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,10 @@ class Params:
     def __post_init__(self) -> None:
         check_seeds(self.seeds, self.recipes)
         _require(len(self.svm) > 0, "svm", "define at least one SVM recipe")
+        runs = [run_id for run_id, _, _ in run_ids(self.svm, self.recipes, self.seeds)]
+        for run_id in self.compare.reproduce:
+            _require(run_id in runs, "compare.reproduce", f"unknown run {run_id!r}" + _did_you_mean(run_id, runs)
+                     + f"; runs: {', '.join(runs)}")
         for name in self.compare.ensemble:
             _require(name in self.recipes, "compare.ensemble",
                      f"unknown row {name!r}; deep rows: {', '.join(self.recipes)}")
@@ -575,6 +583,9 @@ def check_seeds(seeds: Mapping[str, Sequence[int]], deep: Iterable[str]) -> None
         _require(len(set(row_seeds)) == len(row_seeds), f"seeds.{row}", "seeds must be distinct")
 
 
+RUN_RECORDS = Path("reports/runs")  # <run id>.json: a run's training facts and curves, in git
+
+
 def run_ids(svm: Iterable[str], deep: Iterable[str],
             seeds: Mapping[str, Iterable[int]]) -> list[tuple[str, str, int | None]]:
     """(run id, row, seed) of every run: "svm-<recipe>" once per SVM recipe (row "svm-<recipe>",
@@ -604,7 +615,10 @@ class Plan:
     epochs: dict[str, int]            # each deep row's recipe epochs
     ensemble: tuple[str, ...]
     tolerance: float
+    reproduce: tuple[str, ...]        # run ids `python -m fashionbench.reproduce` re-trains
+    reproduce_tolerance: float
     dataset: str                      # data.name
+    train_images: int                 # the dataset's official training images
     classes: tuple[str, ...]          # the dataset's class names, in label order
 
     def rows(self) -> list[str]:
@@ -635,7 +649,8 @@ def load_plan(path: Path | str = PARAMS_FILE) -> Plan:
     seeds = {str(row): tuple(values) for row, values in seeds.items()} if isinstance(seeds, Mapping) else {}
     return Plan(bool(raw.get("quick")), seeds, tuple(raw.get("svm") or ()),
                 tuple(deep), {k: int(raw[k].get("epochs", defaults.get("epochs", 0))) for k in deep},
-                compare.ensemble, compare.tolerance, data.name, data.dataset().classes)
+                compare.ensemble, compare.tolerance, compare.reproduce, compare.reproduce_tolerance,
+                data.name, data.dataset().train_images, data.dataset().classes)
 
 
 def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict:

@@ -1,11 +1,14 @@
 """The compare stage: one results table of exactly the runs params.yaml defines, an ensemble
 row, figures, and the README's table (written by `python -m fashionbench.readme`).
 
-Everything comes from what the runs recorded: metrics/train/<id>.json (recipe and
-architecture in words, parameters, epochs, time, hardware, scale), metrics/eval/<id>.json
-(plain, TTA and batch-statistics accuracy) and predictions/<id>.npz (per-class scores,
-ensemble). A run params.yaml defines but nobody has run at this scale is a row that says so,
-with the command that runs it; a file no current run names is never read.
+Everything comes from what the evaluate stage keeps in git, so the table and figures are
+rebuilt byte for byte on a clone without the DVC cache: reports/runs/<id>.json (recipe and
+architecture in words, parameters, epochs, time, hardware, scale, curves),
+metrics/eval/<id>.json (plain, TTA and batch-statistics accuracy), plots/confusion/<id>.csv
+(each test image's label and prediction: per-class accuracy, the confusion figure) and
+predictions/<id>.npz (test probabilities: the ensemble). A run params.yaml defines but nobody
+has run at this scale is a row that says so, with the command that runs it; a file no
+current run names is never read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 from fashionbench.dataset import FASHION_MNIST
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
-from fashionbench.params import Plan, evaluate_stage
+from fashionbench.params import RUN_RECORDS, Plan, evaluate_stage
 from fashionbench.scores import class_accuracy, classification_metrics
 
 ENSEMBLE = "ensemble"
@@ -84,6 +87,19 @@ def _load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
                         f"(`dvc repro -f evaluate_<row>@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
 
 
+def _load_confusion(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted) of a confusion CSV (actual,predicted as class names)."""
+    index = {name: k for k, name in enumerate(classes)}
+    try:
+        with open(path, newline="") as f:
+            pairs = [(index[r["actual"]], index[r["predicted"]]) for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}: {err}): re-run its evaluate stage "
+                        f"(`dvc repro -f evaluate_<row>@<row>-<seed>` or `evaluate_svm@<recipe>`)") from None
+    labels, predicted = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    return labels, predicted
+
+
 def _recipe(row: str, train: dict) -> str:
     if row.startswith("svm-"):
         return train.get("recipe", "-")
@@ -100,14 +116,14 @@ def _hardware(train: dict) -> str | None:
 
 
 def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,
-                classes: tuple[str, ...], labels: np.ndarray, probs: np.ndarray) -> dict:
+                classes: tuple[str, ...], labels: np.ndarray, predicted: np.ndarray) -> dict:
     return {"id": run_id, "row": row, "seed": seed, "accuracy": ev["accuracy"],
             "macro_f1": ev["macro_f1"], "tta_accuracy": ev.get("tta_accuracy"),
             "batchstat_accuracy": ev.get("batchstat_accuracy"),
             "parameters": train.get("parameters"), "recipe": _recipe(row, train),
             "epochs": train.get("epochs"), "train_size": train.get("train_size"),
             "train_s": train.get("fit_time_s", train.get("wall_time_s")),
-            "hardware": _hardware(train)} | class_accuracy(labels, probs.argmax(axis=1), classes)
+            "hardware": _hardware(train)} | class_accuracy(labels, predicted, classes)
 
 
 def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
@@ -115,9 +131,9 @@ def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
     (RUN_COLUMNS, then per-class accuracy), and the ids of those that have not."""
     records, missing = [], []
     for run_id, row, seed in plan.runs():
-        ev_path, train_path = root / "metrics/eval" / f"{run_id}.json", root / "metrics/train" / f"{run_id}.json"
-        predictions = root / "predictions" / f"{run_id}.npz"
-        if not (ev_path.is_file() and train_path.is_file() and predictions.is_file()):
+        ev_path, train_path = root / "metrics/eval" / f"{run_id}.json", root / RUN_RECORDS / f"{run_id}.json"
+        confusion = root / "plots/confusion" / f"{run_id}.csv"
+        if not (ev_path.is_file() and train_path.is_file() and confusion.is_file()):
             missing.append(run_id)
             continue
         ev, train = _read_json(ev_path), _read_json(train_path)
@@ -126,7 +142,8 @@ def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
         if bool(train.get("quick")) != plan.quick:
             missing.append(run_id)  # a result of the other scale: not this table's
             continue
-        records.append(_run_record(run_id, row, seed, ev, train, plan.classes, *_load_predictions(predictions)))
+        records.append(_run_record(run_id, row, seed, ev, train, plan.classes,
+                                   *_load_confusion(confusion, plan.classes)))
     return pd.DataFrame.from_records(records, columns=[*RUN_COLUMNS, *plan.classes]), missing
 
 
@@ -134,18 +151,22 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame,
                   classes: tuple[str, ...]) -> pd.DataFrame:
     """Per seed, the mean of the members' plain test probabilities (two or more members).
     Seeds that every member ran are the ensemble's seeds; only where none is complete does a
-    partial ensemble stand in (its recipe names the absent members)."""
+    partial ensemble stand in (its recipe names the absent members). A member run whose
+    predictions are not in git (trained before they were kept there) is absent."""
     records = []
-    by_seed = [(seed, parts) for seed, parts in runs[runs["row"].isin(members)].groupby("seed", sort=True)
+    kept = runs["row"].isin(members) & runs["id"].map(lambda i: (root / "predictions" / f"{i}.npz").is_file())
+    by_seed = [(seed, parts) for seed, parts in runs[kept].groupby("seed", sort=True)
                if len(parts) >= 2]
     complete = [(seed, parts) for seed, parts in by_seed if set(parts["row"]) == set(members)]
     for seed, parts in complete or by_seed:
         loaded = [_load_predictions(root / "predictions" / f"{run_id}.npz") for run_id in parts["id"]]
         labels, probs = loaded[0][0], np.mean([p for _, p in loaded], axis=0)
-        absent = [m for m in members if m not in set(parts["row"])]
         recipe = "mean plain probabilities of " + ", ".join(parts["row"])
-        if absent:
-            recipe += f" ({', '.join(absent)}: not run)"
+        for reason, absent in (("not run", [m for m in members if m not in set(runs["row"])]),
+                               ("predictions not in git", [m for m in members if m in set(runs["row"])
+                                                           and m not in set(parts["row"])])):
+            if absent:
+                recipe += f" ({', '.join(absent)}: {reason})"
         metrics = classification_metrics(labels, probs.argmax(axis=1), len(classes))
         records.append({"id": f"{ENSEMBLE}-seed{int(seed)}", "row": ENSEMBLE, "seed": int(seed), **metrics,
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
@@ -348,21 +369,14 @@ def _class_heatmap(table: dict, path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def read_curve(path: Path) -> tuple[list[float], list[float]]:
-    """(steps, values) of a DVCLive .tsv (columns step, <name>, maybe timestamp)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [float(r["step"]) for r in rows], [float(r[path.stem]) for r in rows]
-
-
 def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    curves = {run_id: _read_json(root / RUN_RECORDS / f"{run_id}.json").get("curves", {}) for run_id in run_ids}
     for ax, curve in zip(axes.flat, CURVES):
         for run_id in run_ids:
-            tsv = root / "plots/train" / run_id / "plots/metrics" / f"{curve}.tsv"
-            if tsv.is_file():
-                steps, values = read_curve(tsv)
+            if curves[run_id].get(curve):
+                steps, values = zip(*curves[run_id][curve])
                 ax.plot(steps, values, marker="o" if len(steps) < 3 else None, label=run_id)
         ax.set(title=curve, xlabel="epoch", ylabel=curve.rsplit("/", 1)[-1])
         ax.grid(alpha=0.3)
@@ -384,10 +398,10 @@ def best_run(table: dict, runs: pd.DataFrame) -> str | None:
 def _confusion(root: Path, run_id: str, path: Path, classes: tuple[str, ...]) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    labels, probs = _load_predictions(root / "predictions" / f"{run_id}.npz")
+    labels, predicted = _load_confusion(root / "plots/confusion" / f"{run_id}.csv", classes)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(axis=1), display_labels=classes,
+    ConfusionMatrixDisplay.from_predictions(labels, predicted, display_labels=classes,
                                             xticks_rotation=45, colorbar=False, ax=ax)
     ax.set_title(f"{run_id}: test confusion matrix")
     fig.tight_layout()

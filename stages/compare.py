@@ -6,7 +6,7 @@ import typer
 
 from fashionbench.cli import user_errors
 from fashionbench.params import PARAMS_FILE, load_plan
-from fashionbench.report import compare, results_table
+from fashionbench.report import compare
 
 
 def main(params: Path = PARAMS_FILE) -> None:
@@ -14,7 +14,10 @@ def main(params: Path = PARAMS_FILE) -> None:
     `python -m fashionbench.readme` then copies the table into README.md."""
     with user_errors():
         table = compare(load_plan(params))
-    typer.echo(results_table(table))
+    ran = {row: e["accuracy"] for row, e in table.items() if not e.get("not_run")}
+    best = max(ran, key=ran.get)
+    typer.echo(f"compare: {len(ran)} of {len(table)} rows ran, best {best} {ran[best]:.4f}; "
+               "table in reports/results.md")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 PLAN = Plan(quick=True, seeds={"cnn": (0, 1), "mlp": (0, 1), "wrn": (0, 1)}, svm=("rbf", "hog_seed"), deep=("cnn", "mlp", "wrn"),
             epochs={"cnn": 30, "mlp": 30, "wrn": 600}, ensemble=("cnn", "wrn"), tolerance=0.02,
-            dataset="fashion-mnist", classes=FASHION_MNIST.classes)
+            reproduce=("svm-rbf", "mlp-seed0"), reproduce_tolerance=0.005, dataset="fashion-mnist",
+            train_images=60_000, classes=FASHION_MNIST.classes)
 SEED_0 = {row: (0,) for row in PLAN.deep}
 
 
@@ -41,7 +42,7 @@ def probs_with_errors(wrong: int, seed: int) -> np.ndarray:
 
 
 def deep_train(row, seed, parameters, seconds, quick=True, device="cpu", hardware="AMD EPYC 7B13"):
-    """metrics/train/<row>-seed<N>.json as the train stage writes it."""
+    """metrics/train/<row>-seed<N>.json as the train stage writes it (reports/runs/ keeps it)."""
     return {"run": f"{row}-seed{seed}", "model": row, "architecture": f"{row.upper()} net",
             "recipe": "adamw onecycle; hflip 0.5; 2 epochs", "parameters": parameters, "epochs": 2,
             "train_size": 4000, "val_size": 500, "wall_time_s": seconds, "device": device,
@@ -49,14 +50,15 @@ def deep_train(row, seed, parameters, seconds, quick=True, device="cpu", hardwar
 
 
 def svm_train(variant, seconds, quick=True):
-    """metrics/train/svm-<variant>.json as the train_svm stage writes it."""
+    """metrics/train/svm-<variant>.json as the train_svm stage writes it (reports/runs/ keeps it)."""
     return {"variant": variant, "recipe": f"{variant} recipe in words", "fit_time_s": seconds,
             "train_size": 4000, "seed": 0, "quick": quick, "device": "cpu",
             "hardware": "AMD EPYC 7B13", "threads": 2}
 
 
 def add_run(root, run_id, probs, train, **evaluated):
-    """metrics/train, metrics/eval and predictions files of one run, as the stages write them."""
+    """The git-tracked files the evaluate stage writes for one run: metrics/eval,
+    reports/runs (the training record), plots/confusion, predictions and the gallery."""
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == LABELS))
     macro_f1 = classification_metrics(LABELS, pred, 10)["macro_f1"]
@@ -64,17 +66,20 @@ def add_run(root, run_id, probs, train, **evaluated):
     gallery = root / "plots/eval" / run_id / "mistakes.png"
     gallery.parent.mkdir(parents=True, exist_ok=True)
     gallery.write_bytes(PNG + run_id.encode())
-    for folder, content in (("metrics/eval", record), ("metrics/train", train)):
+    for folder, content in (("metrics/eval", record), ("reports/runs", train)):
         (root / folder).mkdir(parents=True, exist_ok=True)
         (root / folder / f"{run_id}.json").write_text(json.dumps(content))
+    (root / "plots/confusion").mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{FASHION_MNIST.classes[a]},{FASHION_MNIST.classes[b]}\n" for a, b in zip(LABELS, pred))
+    (root / "plots/confusion" / f"{run_id}.csv").write_text("actual,predicted\n" + rows)
     (root / "predictions").mkdir(exist_ok=True)
     np.savez(root / "predictions" / f"{run_id}.npz", probs=probs, labels=LABELS, kind=np.array("softmax"))
     return accuracy
 
 
 def remove_run(root, run_id):
-    for path in (root / "metrics/eval" / f"{run_id}.json", root / "metrics/train" / f"{run_id}.json",
-                 root / "predictions" / f"{run_id}.npz"):
+    for path in (root / "metrics/eval" / f"{run_id}.json", root / "reports/runs" / f"{run_id}.json",
+                 root / "plots/confusion" / f"{run_id}.csv", root / "predictions" / f"{run_id}.npz"):
         path.unlink()
 
 
@@ -94,12 +99,9 @@ def tree(tmp_path):
             deep_train("wrn", seed, 1_000, 100.0), tta_accuracy=0.95, batchstat_accuracy=0.5)
     add_run(tmp_path, "svm-rbf", probs_with_errors(15, 6), svm_train("rbf", 233.0))
     add_run(tmp_path, "svm-hog_seed", probs_with_errors(12, 7), svm_train("hog_seed", 50.0))
-    curves = tmp_path / "plots/train/cnn-seed0/plots/metrics"
-    for curve in report.CURVES:
-        path = curves / f"{curve}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        name = curve.split("/")[1]
-        path.write_text(f"timestamp\tstep\t{name}\n1\t0\t0.5\n2\t1\t0.7\n")
+    record = tmp_path / "reports/runs/cnn-seed0.json"
+    curves = {curve: [[0.0, 0.5], [1.0, 0.7]] for curve in report.CURVES}
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"curves": curves}))
     return tmp_path
 
 
@@ -143,7 +145,7 @@ def test_two_seeds_give_mean_and_sample_std(tree):
     assert "±" not in line_of(table, "svm-rbf")
 
 
-def test_class_accuracy_comes_from_the_predictions(tree):
+def test_class_accuracy_comes_from_the_recorded_predictions(tree):
     table = report.compare(PLAN, tree)
     for row, runs in (("svm-rbf", ["svm-rbf"]), ("cnn", ["cnn-seed0", "cnn-seed1"])):
         expected = {}
@@ -174,7 +176,6 @@ def test_compare_writes_its_files(tree):
     # the most accurate single-model row (wrn: 8 mistakes a seed) shows its first seed's gallery
     assert report.best_run(table, report.load_runs(tree, PLAN)[0]) == "wrn-seed0"
     assert (tree / "plots/compare/best_mistakes.png").read_bytes() == PNG + b"wrn-seed0"
-    assert report.read_curve(tree / "plots/train/cnn-seed0/plots/metrics/val/acc.tsv") == ([0.0, 1.0], [0.5, 0.7])
 
 
 def test_leftover_files_of_a_seed_not_in_the_plan_are_ignored(tree):
@@ -239,7 +240,7 @@ def test_a_run_of_the_other_scale_is_not_run(tree, plan_quick):
     """mlp's runs were recorded at full scale, every other run of the tree at quick scale."""
     plan = dataclasses.replace(PLAN, quick=plan_quick)
     for seed in (0, 1):
-        path = tree / f"metrics/train/mlp-seed{seed}.json"
+        path = tree / f"reports/runs/mlp-seed{seed}.json"
         path.write_text(json.dumps(json.loads(path.read_text()) | {"quick": False}))
     if plan_quick:
         table = report.compare(plan, tree)
@@ -312,7 +313,9 @@ def test_compare_stage(tree, write_params, monkeypatch):
     result = invoke(compare_main, ["--params", params])
     assert result.exit_code == 0, result.output
     table = json.loads((tree / "reports/results.json").read_text())
-    assert result.output.strip() == report.results_table(table).strip()
+    ran = [row for row, e in table.items() if not e.get("not_run")]
+    assert result.output.strip() == (f"compare: {len(ran)} of {len(table)} rows ran, best wrn 0.9200; "
+                                     "table in reports/results.md")  # one line: the table is in the file
     assert table["cnn"]["runs"] == 2 and table["se_wrn"]["not_run"]
 
 

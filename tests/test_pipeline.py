@@ -282,6 +282,24 @@ def test_removed_svm_recipe_leaves_the_table(repo):
     assert not re.search(r"^\| svm-rbf +\|", results, re.M) and re.search(r"^\| svm-fast +\|", results, re.M), results
 
 
+def test_fresh_clone_without_cache_rebuilds_the_record_byte_for_byte(repo, tmp_path):
+    """git holds the record: a clone with no DVC cache plans `dvc repro`, and regenerates the
+    table, the ensemble and every figure from git-tracked files alone, identical to the commit."""
+    clone = Repo(tmp_path / "clone")
+    run(["git", "clone", "-q", str(repo.root), str(clone.root)], tmp_path, repo.env)
+    assert not (clone.root / ".dvc/cache").exists()
+    dry = clone.dvc("repro", "--dry")
+    assert "train_mlp@0" in stages_ran(dry.output), dry.output  # it would re-train: nothing cached
+    for path in ("reports/results.json", "plots/compare", "metrics/compare.json"):
+        target = clone.root / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    done = clone.dvc("repro", "-s", "compare")
+    assert stages_ran(done.output) == {"compare"}, done.output
+    assert clone.git("status", "--porcelain") == ""  # every file as committed, dvc.lock included
+    table = clone.read_json("reports/results.json")
+    assert table["ensemble"]["runs"] >= 1 and not table["mlp"].get("not_run"), table
+
+
 def test_forced_rerun_trains_from_epoch_zero(repo):
     # The checkpoints folder is the one the baseline's training used: had that finished run
     # left a checkpoint behind, this identical run (same fingerprint) would resume from it.
