@@ -273,7 +273,7 @@ class TrainRecipe:
     device: Literal["auto", "cuda", "mps", "cpu"]
     precision: Literal["auto", "bf16", "fp32"]
     channels_last: bool
-    compile: Literal["none", "default", "reduce-overhead"]
+    compile: Literal["auto", "none", "default", "reduce-overhead"]  # auto: train.resolve_compile
     sync_bn: bool
     eval_batch_size: int
 

@@ -59,6 +59,7 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype; None = plain fp32
     channels_last: bool = False
+    compile: str = "none"  # torch.compile mode of the training forward (resolve_compile)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -97,13 +98,29 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def make_runtime(recipe: TrainRecipe) -> Runtime:
+def resolve_compile(mode: str, device: torch.device | str, *, quick: bool = False,
+                    data_parallel: bool = False) -> str:
+    """compile auto -> reduce-overhead (CUDA graphs) for one process on CUDA: a 28x28 step is
+    bound by kernel launches there, and replaying them as graphs was the one big switch
+    (2.1-2.2x, bench/results-gpu-h200.md). Elsewhere none: on the CPU and MPS (CPU runs stay
+    as they were), for the quick check (one short epoch would mostly compile) and under
+    torchrun (graphs around DDP's gradient hooks are unmeasured). An explicit mode is kept."""
+    if mode != "auto":
+        return mode
+    cuda = torch.device(device).type == "cuda"
+    return "reduce-overhead" if cuda and not quick and not data_parallel else "none"
+
+
+def make_runtime(recipe: TrainRecipe, *, quick: bool = False) -> Runtime:
     """precision auto = bf16 autocast where bf16 is native, else fp32; channels_last on CUDA
-    and CPU (oneDNN's convolutions are fastest in NHWC), not on MPS."""
+    and CPU (oneDNN's convolutions are fastest in NHWC), not on MPS; compile auto: see
+    resolve_compile. So on CUDA a recipe trains with bf16, channels_last and CUDA graphs unless
+    it sets precision, channels_last or compile itself."""
     device = resolve_device(recipe.device)
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and native_bf16(device))
     nhwc = recipe.channels_last and device.type in ("cuda", "cpu")
-    return Runtime(device, torch.bfloat16 if bf16 else None, nhwc)
+    mode = resolve_compile(recipe.compile, device, quick=quick, data_parallel=distributed.launched())
+    return Runtime(device, torch.bfloat16 if bf16 else None, nhwc, mode)
 
 
 def model_for(name: str, arch: Any, recipe: TrainRecipe, dataset: Dataset) -> nn.Module:
@@ -448,7 +465,7 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     if not recipe.input_size:  # 0: as stored
         with reading(dataset):
             recipe = replace(recipe, input_size=dataset.side)
-    runtime = make_runtime(recipe)
+    runtime = make_runtime(recipe, quick=epoch_images > 0)  # epoch_images: the quick check's
     group = distributed.start(runtime.device, recipe.batch_size)
     gen = seed_everything(seed, runtime.device)
     model = model_for(model_name, arch, recipe, dataset).to(runtime.device)
@@ -511,7 +528,7 @@ def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.O
     every process alike."""
     # reduce-overhead replays each step's kernels as CUDA graphs: at 28x28 a WRN step is
     # bound by kernel launches, not arithmetic (bench/results-gpu-h200.md)
-    forward = torch.compile(forward, mode=recipe.compile) if recipe.compile != "none" else forward
+    forward = torch.compile(forward, mode=runtime.compile) if runtime.compile != "none" else forward
     final = ema.model if ema is not None else model
     per_epoch = steps * min(recipe.batch_size, len(train_y))
     with tqdm(total=recipe.epochs * per_epoch, initial=len(history) * per_epoch, unit="img",
