@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import inspect
 import json
@@ -35,7 +34,7 @@ from fashionbench.distributed import Group
 from fashionbench.errors import UserError
 from fashionbench import distributed, machine
 from fashionbench.lookahead import Lookahead
-from fashionbench.io import atomic_path, write_json
+from fashionbench.io import atomic_path, exclusive_lock, write_json
 from fashionbench.models import build_model, count_parameters, describe, save_trained
 from fashionbench.params import Params, TrainRecipe, reading
 from fashionbench.seeding import rng_state, seed_everything, set_rng_state
@@ -369,23 +368,43 @@ class RunLockedError(UserError):
     """Another process is training the same run."""
 
 
-@contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` for the duration; refuse if another process has it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLockedError(
-                f"another process is training this run (lock {folder / 'lock'} is held): wait for "
-                "it or stop it (an interrupted `dvc repro` may have left it running)") from None
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def run_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on `folder` for the duration; refuse at once, naming the
+    holder's PID, if another process has it (the holder's PID stays in the lock file)."""
+    def refuse(holder: int | None) -> RunLockedError:
+        pid, kill = (f"PID {holder}, ", f"`kill {holder}`; ") if holder else ("", "")
+        return RunLockedError(
+            f"another process is training this run ({pid}lock {folder / 'lock'}): wait for it or "
+            f"stop it ({kill}an interrupted `dvc repro` may have left it running)")
+    return exclusive_lock(folder / "lock", refuse)
+
+
+def _discard_unreadable(root: Path, before: float) -> None:
+    """Remove checkpoints set aside as unreadable before `before` (a time.time()), and the run
+    folders left empty: the warning that named them was given to an earlier run."""
+    if not root.is_dir():
+        return
+    emptied = set()
+    for aside in root.glob("*/*.unreadable"):
+        with contextlib.suppress(OSError):
+            if aside.stat().st_mtime < before:
+                aside.unlink()
+                emptied.add(aside.parent)
+    for folder in root.iterdir():  # older only: a run starting now may have just made its own
+        with contextlib.suppress(OSError):  # not empty, or not a folder: kept
+            if folder in emptied or folder.is_dir() and folder.stat().st_mtime < before:
+                folder.rmdir()
+
+
+def _remove_run_folder(folder: Path, started: float) -> None:
+    """A finished run's folder goes whole, but for checkpoints this run set aside as
+    unreadable (its warning named them; the next run's start removes them)."""
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if not (path.name.endswith(".unreadable") and path.stat().st_mtime >= started):
+                path.unlink()
+    with contextlib.suppress(OSError):  # kept while it holds one
+        folder.rmdir()
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
@@ -397,6 +416,7 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
     except Exception as err:  # truncated or foreign: any unpickling error
         aside = path.with_name(path.name + ".unreadable")
         os.replace(path, aside)
+        os.utime(aside)  # set aside now: the next run's cleanup keeps it until then
         log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, training from epoch 0",
                     path, type(err).__name__, err, aside)
         return None
@@ -459,9 +479,11 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     With `checkpoint_dir`, the run's folder there (named by its fingerprint) is locked for
     the duration, the full state (model, optimiser, scheduler, EMA, RNG, history) is saved
     every `checkpoint_every` epochs, and an unfinished run resumes (on CPU bit-identical to an
-    uninterrupted one). A finished run deletes its checkpoint, so a forced re-run starts from
-    epoch 0. `on_epoch` receives each epoch's metrics, resumed epochs first.
+    uninterrupted one). A finished run deletes its run folder, so a forced re-run starts from
+    epoch 0; a run's start deletes the unreadable checkpoints set aside before it, and the
+    folders they leave empty. `on_epoch` receives each epoch's metrics, resumed epochs first.
     """
+    started = time.time()
     if not recipe.input_size:  # 0: as stored
         with reading(dataset):
             recipe = replace(recipe, input_size=dataset.side)
@@ -469,6 +491,12 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     group = distributed.start(runtime.device, recipe.batch_size)
     gen = seed_everything(seed, runtime.device)
     model = model_for(model_name, arch, recipe, dataset).to(runtime.device)
+    run_dir = None
+    if checkpoint_dir is not None:
+        run_dir = checkpoint_dir / fingerprint(model, model_name, arch, recipe, seed, train, val,
+                                               mean, std, epoch_images)[:16]
+        if group.is_main:
+            _discard_unreadable(checkpoint_dir, started)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, forward = distributed.wrap(model, runtime.device, group, recipe.sync_bn)
@@ -479,14 +507,10 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         val_x, val_y = to_device(val, runtime.device)
         val_xy = input_view(val_x, recipe.input_size), val_y
     steps = steps_per_epoch(min(len(train), epoch_images or len(train)), recipe.batch_size)
-    optimizer = make_optimizer(model, recipe, runtime.device)
-    scheduler = make_scheduler(optimizer, recipe, steps)
-    ema = EMA(model, recipe.ema) if recipe.ema else None
-    run_dir = None
-    if checkpoint_dir is not None:
-        run_dir = checkpoint_dir / fingerprint(model, model_name, arch, recipe, seed, train, val,
-                                               mean, std, epoch_images)[:16]
     with run_lock(run_dir) if run_dir is not None and group.is_main else contextlib.nullcontext():
+        optimizer = make_optimizer(model, recipe, runtime.device)  # after the lock: seconds
+        scheduler = make_scheduler(optimizer, recipe, steps)
+        ema = EMA(model, recipe.ema) if recipe.ema else None
         checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
         history: list[dict] = []
         saved = _load_checkpoint(checkpoint, runtime.device) if checkpoint is not None else None
@@ -512,8 +536,7 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         bn = _precise_bn(final, centre_crop(train_x, recipe.input_size), train_y, recipe, runtime, gen,
                          mean, std)
         if run_dir is not None and group.is_main:  # finished: a forced re-run starts from epoch 0
-            checkpoint.unlink(missing_ok=True)
-            (run_dir / "lock").unlink(missing_ok=True)
+            _remove_run_folder(run_dir, started)
     return FitResult(final.eval(), history, runtime.describe(), bn)
 
 

@@ -1,0 +1,132 @@
+"""Audited faults, one test each: every test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fashionbench.train as train_module
+from fashionbench import runner
+from fashionbench.data import Split, save_prepared
+from fashionbench.params import params_from_dict
+from fashionbench.train import RunLockedError, fit
+from tests.conftest import invoke, with_train_stats
+
+
+@pytest.fixture
+def make_root(tmp_path, write_params, monkeypatch):
+    """A repository root with a tiny params.yaml (the MLP, 2 epochs on the CPU) and prepared
+    data; each call makes a separate root, all sharing one checkpoint root."""
+    def edit(p):
+        p["quick"] = False
+        p["train_defaults"] |= {"device": "cpu", "checkpoint_every": 1, "precision": "fp32"}
+        p["mlp"] |= {"epochs": 2, "arch": {"hidden": [16], "dropout": 0.0}}
+    params = write_params(edit).read_text()
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), np.repeat(np.arange(10), 20))
+
+    def make(name):
+        root = tmp_path / name
+        (root / "data").mkdir(parents=True)
+        (root / "params.yaml").write_text(params)
+        save_prepared(with_train_stats(split, None, split), root / "data/prepared")
+        return root
+    monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    return make
+
+
+def train(root, *args):
+    return invoke(runner.train, ["mlp", "--root", root, *args])
+
+
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_same_seed_trained_twice_gives_a_byte_identical_model_file(make_root):
+    first, second = make_root("first"), make_root("second")
+    for root in (first, second):
+        result = train(root)
+        assert result.exit_code == 0, result.output
+    model = "models/mlp/seed0/model.pt"
+    assert md5(first / model) == md5(second / model)
+
+
+# ---------------------------------------------------------------- the run lock and the checkpoint root
+
+
+def tiny_recipe(params_dict, epochs=2):
+    """The MLP row at 16 hidden units, `epochs` epochs on the CPU, checkpointed every epoch."""
+    params_dict["quick"] = False
+    params_dict["mlp"] |= {"epochs": epochs, "batch_size": 16, "device": "cpu", "checkpoint_every": 1,
+                           "precision": "fp32", "arch": {"hidden": [16], "dropout": 0.0}}
+    return params_from_dict(params_dict).recipe("mlp")
+
+
+def tiny_fit(recipe, checkpoints, **kwargs):
+    rng = np.random.default_rng(0)
+    train_split = Split(rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), np.arange(32) % 10)
+    return fit(recipe.model, recipe.arch, recipe, train_split, None, mean=0.5, std=0.3, seed=0,
+               checkpoint_dir=checkpoints, progress=False, **kwargs)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill after epoch 1's checkpoint."""
+
+
+def stop_after_epoch_1(metrics):
+    if metrics["epoch"] == 1:
+        raise Interrupted
+
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_trainer_is_refused_at_once_naming_the_holder_and_keeps_its_pid(params_dict, tmp_path,
+                                                                                 monkeypatch):
+    recipe, checkpoints = tiny_recipe(params_dict), tmp_path / "checkpoints"
+    with pytest.raises(Interrupted):
+        tiny_fit(recipe, checkpoints, on_epoch=stop_after_epoch_1)
+    [folder] = list(checkpoints.iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder / "lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        set_up = []  # the optimiser's first build imports torch._dynamo: seconds
+        monkeypatch.setattr(train_module, "make_optimizer", lambda *a: set_up.append(a) or 1 / 0)
+        with pytest.raises(RunLockedError, match=rf"PID {holder.pid}\b.*`kill {holder.pid}`"):
+            tiny_fit(recipe, checkpoints)
+        assert set_up == []  # refused before the slow set-up
+        assert (folder / "lock").read_text() == f"{holder.pid}\n"  # the holder's PID is still there
+    finally:
+        holder.communicate("")
+    monkeypatch.undo()
+    assert len(tiny_fit(recipe, checkpoints).history) == 2  # released: the run resumes and finishes
+
+
+def test_finished_runs_leave_no_folder_and_old_unreadable_checkpoints_are_cleaned(params_dict, tmp_path):
+    recipe, checkpoints = tiny_recipe(params_dict), tmp_path / "checkpoints"
+    old = time.time() - 3600
+    abandoned = checkpoints / "0123456789abcdef"  # an unfinished run: resumable, kept
+    set_aside = checkpoints / "fedcba9876543210"  # an unreadable checkpoint an earlier run set aside
+    for folder, name in ((abandoned, "checkpoint.pt"), (set_aside, "checkpoint.pt.unreadable")):
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (old, old))
+        os.utime(folder, (old, old))
+    tiny_fit(recipe, checkpoints)
+    assert sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*")) == [
+        "0123456789abcdef", "0123456789abcdef/checkpoint.pt"]
