@@ -304,7 +304,7 @@ def test_forced_rerun_trains_from_epoch_zero(repo):
     # The checkpoints folder is the one the baseline's training used: had that finished run
     # left a checkpoint behind, this identical run (same fingerprint) would resume from it.
     runs_before = sorted(p.name for p in repo.checkpoints.iterdir())
-    assert runs_before  # one folder per trained run, named by its fingerprint
+    assert runs_before == []  # a finished run removes its folder (named by its fingerprint)
     before = repo.read_json("metrics/train/mlp-seed0.json")
     done = repo.dvc("repro", "-f", "-s", "train_mlp@0")
     # the same run (fingerprint) as the baseline's: a checkpoint left there would be found
