@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from fashionbench import runner
 from fashionbench.data import Split, save_prepared
 from fashionbench.params import params_from_dict
 from fashionbench.train import RunLockedError, fit
-from tests.conftest import invoke, with_train_stats
+from tests.conftest import REPO, invoke, with_train_stats
 
 
 @pytest.fixture
@@ -130,3 +132,66 @@ def test_finished_runs_leave_no_folder_and_old_unreadable_checkpoints_are_cleane
     tiny_fit(recipe, checkpoints)
     assert sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*")) == [
         "0123456789abcdef", "0123456789abcdef/checkpoint.pt"]
+
+
+# ---------------------------------------------------------------- stages stop with their dvc
+
+FAKE_DVC = """#!{python}
+import subprocess, sys
+sys.exit(subprocess.call(sys.argv[1], shell=True))  # as dvc runs a stage's cmd
+"""
+
+SVM_STAGE = """
+import os, runpy, signal, sys, time
+from pathlib import Path
+import fashionbench.classical as classical
+
+def long_fit(*args, **kwargs):
+    if {native}:  # a fit in native code: the main thread runs no Python until it returns
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})
+    Path("stage.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+classical.train_variant = long_fit
+sys.argv = ["train_svm", "rbf"]
+runpy.run_module("stages.train_svm", run_name="__main__")
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, native):
+    write_params()
+    split = Split(np.zeros((20, 28, 28), dtype=np.uint8) + np.arange(20)[:, None, None], np.arange(20) % 10)
+    save_prepared(with_train_stats(split, None, split), tmp_path / "data/prepared")
+    dvc = tmp_path / "bin/dvc"
+    dvc.parent.mkdir()
+    dvc.write_text(FAKE_DVC.format(python=sys.executable))
+    dvc.chmod(0o755)
+    (tmp_path / "stage.py").write_text(SVM_STAGE.format(native=native))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen([str(dvc), f"{sys.executable} stage.py"], cwd=tmp_path, env=env,
+                              stderr=subprocess.PIPE, text=True)
+    pid_file, deadline = tmp_path / "stage.pid", time.monotonic() + 60
+    while not pid_file.is_file() and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.1)
+    assert pid_file.is_file(), parent.communicate()[1][-2000:]
+    stage = int(pid_file.read_text())
+    parent.kill()  # SIGKILL: dvc gets no chance to stop its stage
+    parent.wait()
+    killed = time.monotonic()
+    while alive(stage) and time.monotonic() < killed + 15:
+        time.sleep(0.1)
+    if alive(stage):
+        os.kill(stage, signal.SIGKILL)  # no orphan outlives the test
+        pytest.fail("the SVM stage outlived the dvc process that started it")
+    assert time.monotonic() - killed < 8
+    assert "is gone; stopping" in parent.stderr.read()
