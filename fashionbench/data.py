@@ -290,14 +290,19 @@ def load_raw(raw_dir: Path, dataset: Dataset = FASHION_MNIST) -> tuple[Split, Sp
             raise DataError(f"{path} is missing: run `dvc repro download` first "
                             f"(data.name is {dataset.name})")
         contents[name] = path.read_bytes()
-    if dataset.layout == "idx":
-        arrays = {name: parse_idx(contents[name], name) for name in IDX_FILES}
-        train = Split(arrays[IDX_FILES[0]], arrays[IDX_FILES[1]].astype(np.int64))
-        test = Split(arrays[IDX_FILES[2]], arrays[IDX_FILES[3]].astype(np.int64))
-    else:
-        batches = [parse_cifar_batch(contents[name], name, dataset.side) for name in CIFAR_TRAIN]
-        train = Split(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
-        test = Split(*parse_cifar_batch(contents[CIFAR_TEST], CIFAR_TEST, dataset.side))
+    paths = {name: str(Path(raw_dir) / name) for name in dataset.files}  # errors name the path
+    try:
+        if dataset.layout == "idx":
+            arrays = {name: parse_idx(contents[name], paths[name]) for name in IDX_FILES}
+            train = Split(arrays[IDX_FILES[0]], arrays[IDX_FILES[1]].astype(np.int64))
+            test = Split(arrays[IDX_FILES[2]], arrays[IDX_FILES[3]].astype(np.int64))
+        else:
+            batches = [parse_cifar_batch(contents[name], paths[name], dataset.side) for name in CIFAR_TRAIN]
+            train = Split(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+            test = Split(*parse_cifar_batch(contents[CIFAR_TEST], paths[CIFAR_TEST], dataset.side))
+    except DataError as err:
+        raise DataError(f"{err}; `dvc repro download` fetches and verifies the raw files again "
+                        f"(data.name is {dataset.name})") from None
     for split, name in ((train, "training"), (test, "test")):
         _check_split(split, name, dataset, raw_dir)
     return train, test

@@ -17,7 +17,7 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
         sizes = config.sizes()
         train, test = load_raw(raw, config.dataset)
         prepared = prepare(train, test, sizes)
-    save_prepared(prepared, out)
+        save_prepared(prepared, out)  # a full disk keeps the previous files: one error line
     val = len(prepared.val) if prepared.val is not None else 0
     typer.echo(f"train {len(prepared.train)}, validation {val}, test {len(prepared.test)}; "
                f"mean {prepared.mean:.4f}, std {prepared.std:.4f}")

@@ -18,7 +18,7 @@ from fashionbench import runner
 from fashionbench.data import Split, save_prepared
 from fashionbench.params import params_from_dict
 from fashionbench.train import RunLockedError, fit
-from tests.conftest import REPO, invoke, with_train_stats
+from tests.conftest import REPO, idx_bytes, invoke, with_train_stats
 
 
 @pytest.fixture
@@ -195,3 +195,56 @@ def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, native):
         pytest.fail("the SVM stage outlived the dvc process that started it")
     assert time.monotonic() - killed < 8
     assert "is gone; stopping" in parent.stderr.read()
+
+
+# ---------------------------------------------------------------- preprocess: disk full, a truncated raw file
+
+
+@pytest.fixture
+def tiny_repo(tmp_path, write_params):
+    """A repository folder with params.yaml and four small raw IDX files (300 train, 50 test)."""
+    repo = tmp_path / "repo"
+    (repo / "data/raw").mkdir(parents=True)
+    params = write_params(lambda p: p.update(quick=False) or p["preprocess"].update(validation_size=50,
+                                                                                   subset_size=0))
+    params.rename(repo / "params.yaml")
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (300, 28, 28)),
+              "train-labels-idx1-ubyte": np.arange(300) % 10,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (50, 28, 28)),
+              "t10k-labels-idx1-ubyte": np.arange(50) % 10}
+    for name, array in arrays.items():
+        (repo / "data/raw" / name).write_bytes(idx_bytes(array))
+    return repo
+
+
+def preprocess(repo, limit_kib=None):
+    """`python -m stages.preprocess` in `repo`, under `ulimit -f limit_kib` when given."""
+    command = f"exec {sys.executable} -m stages.preprocess"
+    if limit_kib is not None:
+        command = f"ulimit -f {limit_kib} && {command}"
+    return subprocess.run(["bash", "-c", command], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+
+def test_disk_full_while_preprocess_writes_is_one_line_and_keeps_the_old_files(tiny_repo):
+    prepared = tiny_repo / "data/prepared"
+    prepared.mkdir()
+    old = {"arrays.npz": b"the previous arrays", "norm.json": b'{"mean": 0.286}\n'}
+    for name, content in old.items():
+        (prepared / name).write_bytes(content)
+    result = preprocess(tiny_repo, limit_kib=100)  # the new arrays are 270 KiB
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "data/prepared/arrays.npz" in result.stderr and "ulimit -f" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == old  # no temporary file left either
+
+
+def test_truncated_raw_file_names_the_path_and_the_download_stage(tiny_repo):
+    raw = tiny_repo / "data/raw/train-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:5000])
+    result = preprocess(tiny_repo)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert "data/raw/train-images-idx3-ubyte" in line and "`dvc repro download`" in line, line
+    assert not (tiny_repo / "data/prepared").exists()
