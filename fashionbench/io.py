@@ -38,6 +38,39 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_files() -> Iterator[Callable[[Path], Path]]:
+    """Yield `stage(path)`, which returns a new temporary file beside `path`. When the block
+    ends without an error, each staged file replaces its target (one rename each, in order);
+    on an error, every temporary file goes, and so do the folders made for them: a group of
+    files that is checked whole before any of them replaces the previous ones."""
+    staged: list[tuple[Path, Path]] = []
+    made: list[Path] = []
+
+    def stage(path: Path) -> Path:
+        path = Path(path)
+        made.extend(d for d in [path.parent, *path.parent.parents] if not d.exists())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        staged.append((Path(tmp), path))
+        return Path(tmp)
+
+    try:
+        yield stage
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        for folder in sorted(set(made), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import fashionbench.train as train_module
 from fashionbench import runner
@@ -248,3 +251,100 @@ def test_truncated_raw_file_names_the_path_and_the_download_stage(tiny_repo):
     [line] = result.stderr.strip().splitlines()
     assert "data/raw/train-images-idx3-ubyte" in line and "`dvc repro download`" in line, line
     assert not (tiny_repo / "data/prepared").exists()
+
+
+# ---------------------------------------------------------------- the runner: export, place, numbers
+
+
+def snapshot(root):
+    """Every file under `root` (temporary ones included) and its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def forge(out, rel, content):
+    """Replace exported file `rel` by `content` and list it so in the manifest, as a consistent
+    export of a broken file would be (one part if the file was split)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    [entry] = [e for e in manifest["files"] if e["path"] == rel]
+    digest = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    if entry.get("parts"):
+        for part in entry["parts"]:
+            (out / part["path"]).unlink()
+        (out / f"{rel}.part000").write_bytes(content)
+        entry["parts"] = [{"path": f"{rel}.part000"} | digest]
+    else:
+        (out / rel).write_bytes(content)
+    entry |= digest
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+RECORD, MODEL, PARTS = "metrics/train/mlp-seed0.json", "models/mlp/seed0/model.pt", "models/mlp/seed0/model.pt.part"
+BREAKS = {  # what a transfer or a bad run does to an export -> what the error must name
+    "part000 missing": (lambda out: (out / f"{PARTS}000").unlink(), [], f"{PARTS}000"),
+    "last part missing": (lambda out: sorted((out / MODEL).parent.iterdir())[-1].unlink(), [], f"{PARTS}00"),
+    "a part cut short": (lambda out: (out / f"{PARTS}002").write_bytes((out / f"{PARTS}002").read_bytes()[:99]),
+                         [], f"{PARTS}002 has 99 bytes"),
+    "a part changed": (lambda out: (out / f"{PARTS}001").write_bytes(b"\0" * (out / f"{PARTS}001").stat().st_size),
+                       [], f"{PARTS}001 is not the file exported"),
+    "run record broken in transfer": (lambda out: (out / RECORD).write_text('{"run": "mlp-se'), [], RECORD),
+    "run record broken by the run": (lambda out: forge(out, RECORD, b'{"run": "mlp-se'), [],
+                                     f"{RECORD} is not valid JSON"),
+    "record of another run": (lambda out: forge(out, RECORD, b'{"run": "mlp-seed1", "seed": 1}'), [],
+                              f"{RECORD} is the record of 'mlp-seed1'"),
+    "model that does not load": (lambda out: forge(out, MODEL, b"PK\3\4 not a model"), [],
+                                 f"{MODEL} (joined from 1 parts) is not a model"),
+    "manifest missing": (lambda out: (out / "manifest.json").unlink(), [], "manifest.json is missing"),
+    "another seed than asked": (lambda out: None, ["--seed", "1"], "holds run mlp-seed0, not mlp-seed1"),
+    "another row than asked": (lambda out: None, ["--row", "cnn"], "holds run mlp-seed0, not cnn-seed0"),
+}
+
+
+def test_place_with_a_bad_export_changes_nothing_and_names_what_is_wrong(make_root, tmp_path):
+    gpu, out, home = make_root("gpu"), tmp_path / "out", make_root("home")
+    assert train(gpu, "--out", out, "--split-mib", "0.01").exit_code == 0
+    assert len(list((out / MODEL).parent.glob("model.pt.part*"))) > 3
+    assert train(home).exit_code == 0  # the workspace's own good outputs of the same run
+    (home / RECORD).write_text((home / RECORD).read_text().replace('"epochs"', '"home": 1, "epochs"'))
+    before = snapshot(home)
+    for case, (damage, args, named) in BREAKS.items():
+        broken = tmp_path / case.replace(" ", "-")
+        shutil.copytree(out, broken)
+        damage(broken)
+        result = invoke(runner.place, [broken, "--root", home, *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (case, result.output)
+        assert named in result.output and result.output.startswith("error: "), (case, result.output)
+        assert snapshot(home) == before, case  # nothing replaced, no temporary file left
+    result = invoke(runner.place, [out, "--root", home, "--row", "mlp", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert snapshot(home) != before and (home / MODEL).read_bytes() == (gpu / MODEL).read_bytes()
+    assert (home / RECORD).read_bytes() == (gpu / RECORD).read_bytes()
+
+
+def test_train_with_a_negative_split_size_is_refused_before_training(make_root, tmp_path):
+    root, out = make_root("run"), tmp_path / "out"
+    result = train(root, "--out", out, "--split-mib", "-1")
+    assert result.exit_code == 2 and "--split-mib" in result.output and "done" not in result.output, result.output
+    assert not out.exists() and not (root / "models").exists()
+    assert train(root).exit_code == 0
+    with pytest.raises(runner.ExportError, match="part size -1 bytes"):
+        runner.export(root, runner.outputs("mlp", 0), out, -1)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["time", "mlp", "--images", "-5"], "--images"),
+    (["time", "mlp", "--images", "0"], "--images"),
+    (["time", "mlp", "--minutes", "-1"], "--minutes"),
+    (["train", "mlp", "--minutes", "-1"], "--minutes"),
+    (["train", "mlp", "--minutes", "0"], "--minutes"),
+    (["train", "mlp", "--seed", "-1"], "--seed"),
+    (["train", "mlp", "--seed", str(2**32)], "--seed"),
+    (["train", "mlp", "--epochs", "-1"], "--epochs"),
+    (["place", "out", "--seed", "-1"], "--seed"),
+])
+def test_runner_refuses_out_of_range_numbers_where_it_parses_them(make_root, args, option):
+    root = make_root("run")
+    result = CliRunner().invoke(runner.app, [*args, "--root", str(root)])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert "Invalid value" in result.output and "per epoch" not in result.output and "done" not in result.output
+    assert not (root / "models").exists()
