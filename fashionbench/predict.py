@@ -13,10 +13,15 @@ RGB as it is. Then padded to a square, resized to the dataset's side and normali
 training statistics. An image already in the dataset's form (Fashion-MNIST: 28x28 grey, light
 on dark) passes unchanged, so its prediction is exactly the evaluate stage's. An SVM pipeline
 carries no dataset record: it is taken to be of the dataset params.yaml names.
+
+Images of more than MAX_PIXELS pixels (80 megapixels) are refused from their header, before
+they are decoded; a large one within the limit is reduced while it is decoded (a JPEG by its
+DCT scale, others a strip at a time), so it is never held decoded twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,11 @@ from fashionbench.dataset import FASHION_MNIST, Dataset
 from fashionbench.errors import UserError
 
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")
+# Refused from the header: 80 MP is a 64 MP phone's photo with room to spare, and below PIL's
+# own decompression-bomb warning (89.5 MP); an 80 MP RGB image takes 320 MB decoded.
+MAX_PIXELS = 80_000_000
+WORK_SIDE = 1024  # a longer side is reduced by a whole factor to at least this while decoding
+GREY_MODES = ("1", "L", "I", "I;16", "F")
 
 
 class PredictError(UserError):
@@ -65,8 +75,43 @@ def _train_stage(path: Path) -> str:
 
 
 def _missing_model(path: Path) -> PredictError:
-    return PredictError(f"model file {path} not found: `dvc pull {path}` fetches it from the "
-                        f"remote, or `dvc repro {_train_stage(path)}` trains it")
+    return PredictError(f"model file {path} not found: {_how_to_get(path)}")
+
+
+def _how_to_get(path: Path) -> str:
+    """The stage that writes `path`, if params.yaml defines it; else the rows it defines."""
+    parts = path.parts
+    deep = len(parts) == 4 and parts[0] == "models" and parts[2].startswith("seed") and path.name == "model.pt"
+    svm = len(parts) == 4 and parts[:2] == ("models", "svm") and path.name == "model.joblib"
+    if not (deep or svm):
+        return "give a model.pt or model.joblib path, or a row of params.yaml"
+    rows = _params_rows()
+    fetch = f"`dvc pull {path}` fetches it from the remote, or `dvc repro {_train_stage(path)}` trains it"
+    if rows is None:  # no readable params.yaml here: the stage it would be
+        return fetch
+    seeds, svms = rows
+    listed = (f"deep rows: {', '.join(seeds)} (another seed: cnn-seed1); SVM rows: "
+              f"{', '.join('svm-' + v for v in svms)}")
+    if svm and parts[2] not in svms:
+        return f"params.yaml has no SVM row svm-{parts[2]}; its {listed}"
+    if deep and parts[1] not in seeds:
+        return f"params.yaml has no deep row {parts[1]!r}; its {listed}"
+    seed = parts[2].removeprefix("seed")
+    if deep and seed not in [str(s) for s in seeds[parts[1]]]:
+        trained = ", ".join(f"{parts[1]}-seed{s}" for s in seeds[parts[1]])
+        return f"params.yaml trains {parts[1]} with seeds {list(seeds[parts[1]])} only: use {trained}"
+    return fetch
+
+
+def _params_rows() -> tuple[dict[str, tuple[int, ...]], list[str]] | None:
+    """Each deep row's seeds and the SVM recipes of ./params.yaml; None if it is absent or invalid."""
+    from fashionbench.params import PARAMS_FILE, load_params
+
+    try:
+        params = load_params(PARAMS_FILE)
+    except (UserError, OSError):
+        return None
+    return {row: tuple(params.seeds.get(row, ())) for row in params.recipes}, list(params.svm)
 
 
 def load_classifier(path: Path, batch_size: int = 1024) -> Classifier:
@@ -122,11 +167,11 @@ def is_dark_on_light(image: np.ndarray) -> bool:
 def load_image(path: Path, dataset: Dataset = FASHION_MNIST, polarity: str = "auto") -> np.ndarray:
     """uint8 image in `dataset`'s stored form: grey (side, side) with the dataset's polarity, or
     RGB (side, side, 3) for a colour dataset; padded square, resized."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
+        with _opened(path) as opened:
+            image = _decoded(opened)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
@@ -142,6 +187,53 @@ def load_image(path: Path, dataset: Dataset = FASHION_MNIST, polarity: str = "au
     if dark_on_light == dataset.light_on_dark:
         grey = 255 - grey
     return _fit(grey, dataset.side)
+
+
+@contextlib.contextmanager
+def _opened(path: Path):  # noqa: ANN202 (a PIL image, imported lazily)
+    """The image at `path`, opened lazily (its header read, nothing decoded), refused when it
+    has more than MAX_PIXELS pixels."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is checked below, in one line
+    try:
+        opened = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with opened:
+        width, height = opened.size
+        if width * height > MAX_PIXELS:
+            raise PredictError(f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), "
+                               f"more than the {MAX_PIXELS / 1e6:.0f} megapixels predict reads: shrink it "
+                               "first (any image editor; the model sees it at a few dozen pixels)")
+        yield opened
+
+
+def _decoded(opened):  # noqa: ANN001, ANN202 (PIL images, imported lazily)
+    """`opened` decoded and upright (EXIF orientation). An image whose longer side is at least
+    twice WORK_SIDE is reduced by a whole factor while it is decoded: a JPEG by its DCT scale
+    (draft), any other by box averaging a strip at a time beside the one full decode, so the
+    decoded image is never held twice."""
+    from PIL import Image, ImageOps
+
+    factor = max(opened.size) // WORK_SIDE
+    if factor < 2:
+        return ImageOps.exif_transpose(opened)
+    orientation = opened.getexif().get(0x0112, 1)  # read before decoding: the copy has no EXIF
+    alpha = opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
+    mode = "RGBA" if alpha else "L" if opened.mode in GREY_MODES else "RGB"
+    opened.draft(mode if mode != "RGBA" else None, (opened.width // factor, opened.height // factor))
+    opened.load()
+    factor = max(1, max(opened.size) // WORK_SIDE)
+    small = Image.new(mode, (-(-opened.width // factor), -(-opened.height // factor)))
+    rows = factor * max(1, 2**21 // (opened.width * factor))  # strips of about 2 M pixels
+    for top in range(0, opened.height, rows):
+        strip = opened.crop((0, top, opened.width, min(top + rows, opened.height))).convert(mode)
+        small.paste(strip.reduce(factor), (0, top // factor))
+    turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+            7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}.get(orientation)
+    return small.transpose(turn) if turn is not None else small
 
 
 def _fit(image: np.ndarray, side: int, fill: int | None = None) -> np.ndarray:
@@ -175,7 +267,8 @@ def predict(images: list[Path], classifier: Classifier, polarity: str = "auto",
     return results
 
 
-def main(images: list[Path] = typer.Argument(..., help="PNG/JPEG files"),
+def main(images: list[Path] = typer.Argument(..., help=f"PNG/JPEG files of at most {MAX_PIXELS / 1e6:.0f} "
+                                             "megapixels each"),
          model: str = typer.Option("cnn", help="a deep row (cnn, resnet7-seed1), an SVM row "
                                    "(svm-hog) or a model.pt / model.joblib path"),
          top: int = typer.Option(3, min=1, help="classes shown per image"),

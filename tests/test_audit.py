@@ -7,18 +7,23 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import fashionbench.train as train_module
-from fashionbench import runner
+from fashionbench import predict, runner
 from fashionbench.data import Split, save_prepared
+from fashionbench.models import build_model, save_trained
+from fashionbench.models.mlp import MLPArch
 from fashionbench.params import params_from_dict
 from fashionbench.train import RunLockedError, fit
 from tests.conftest import REPO, idx_bytes, invoke, with_train_stats
@@ -348,3 +353,69 @@ def test_runner_refuses_out_of_range_numbers_where_it_parses_them(make_root, arg
     assert result.exit_code == 2 and option in result.output, result.output
     assert "Invalid value" in result.output and "per epoch" not in result.output and "done" not in result.output
     assert not (root / "models").exists()
+
+
+# ---------------------------------------------------------------- predict: huge images, unknown rows
+
+
+def write_png(path, width, height, *, bit_depth=8, colour=3, row=None):
+    """A PNG written chunk by chunk, every row `row` (bytes) or zeros: a huge image in a few KB
+    (colour 0: grey, 3: palette with a grey ramp)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = row if row is not None else bytes(-(-width * bit_depth // 8))
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(b"\0" + row) for _ in range(height)) + packer.flush()
+    chunks = [chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0))]
+    chunks += [chunk(b"PLTE", bytes(c for v in range(256) for c in (v, v, v)))] if colour == 3 else []
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(chunks + [chunk(b"IDAT", idat), chunk(b"IEND", b"")]))
+    return path
+
+
+PEAK = """
+import resource, sys
+from fashionbench.predict import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = load_image(sys.argv[1])
+print(image.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_predict_refuses_a_huge_image_in_one_line_and_decodes_a_large_one_once(tmp_path):
+    model = tmp_path / "models/mlp/seed0/model.pt"
+    arch = MLPArch(hidden=(16,), dropout=0.0)
+    save_trained(model, build_model("mlp", arch), "mlp", arch, mean=0.3, std=0.3, seed=0, epochs=1, hflip=0.0)
+    huge = write_png(tmp_path / "huge.png", 14000, 14000, bit_depth=1, colour=0)  # a few KB
+    assert huge.stat().st_size < 100_000
+    result = invoke(predict.main, [huge, "--model", model])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    [line] = result.output.strip().splitlines()
+    assert "huge.png is 14000x14000 pixels" in line and f"{predict.MAX_PIXELS / 1e6:.0f} megapixels" in line
+
+    # 64 megapixels, within the limit: one byte a pixel decoded (64 MB), then reduced in strips
+    large = write_png(tmp_path / "large.png", 8000, 8000)
+    peak = subprocess.run([sys.executable, "-c", PEAK, str(large)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    shape, grown = peak.stdout.split(")")
+    assert shape == "(28, 28" and int(grown) < 1.5 * 8000 * 8000, peak.stdout + peak.stderr[-2000:]
+
+    # reduced while decoded, a large image still gives its small original exactly
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    small[0], small[-1], small[:, 0], small[:, -1] = 0, 0, 0, 0  # light on dark: kept as it is
+    Image.fromarray(np.kron(small, np.ones((100, 100), dtype=np.uint8))).save(tmp_path / "2800.png")
+    np.testing.assert_array_equal(predict.load_image(tmp_path / "2800.png"), small)
+
+
+def test_predict_with_an_unknown_row_names_the_rows_that_exist(tmp_path, write_params, monkeypatch):
+    write_params()
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "shoe.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    result = invoke(predict.main, [image, "--model", "foo"])
+    assert result.exit_code == 2 and "train_foo" not in result.output, result.output
+    assert "no deep row 'foo'" in result.output and "cnn" in result.output and "svm-rbf" in result.output
+    result = invoke(predict.main, [image, "--model", "cnn-seed7"])
+    assert result.exit_code == 2 and "train_cnn@7" not in result.output and "cnn-seed0" in result.output
+    result = invoke(predict.main, [image, "--model", "cnn"])  # a row params.yaml trains: its stage
+    assert result.exit_code == 2 and "`dvc repro train_cnn@0`" in result.output, result.output
