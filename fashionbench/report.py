@@ -6,7 +6,8 @@ rebuilt byte for byte on a clone without the DVC cache: reports/runs/<id>.json (
 architecture in words, parameters, epochs, time, hardware, scale, curves),
 metrics/eval/<id>.json (plain, TTA and batch-statistics accuracy), plots/confusion/<id>.csv
 (each test image's label and prediction: per-class accuracy, the confusion figure) and
-predictions/<id>.npz (test probabilities: the ensemble). A run params.yaml defines but nobody
+predictions/<id>.npz (test probabilities: the ensemble), plots/reliability/<id>.csv and
+reports/robustness/<id>.json (calibration and corrupted-set figures). A run params.yaml defines but nobody
 has run at this scale is a row that says so, with the command that runs it; a file no
 current run names is never read.
 """
@@ -25,12 +26,13 @@ from fashionbench.dataset import FASHION_MNIST
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
 from fashionbench.params import RUN_RECORDS, Plan, evaluate_stage
+from fashionbench.calibration import ECE_BINS
 from fashionbench.scores import class_accuracy, classification_metrics
 
 ENSEMBLE = "ensemble"
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")  # DVCLive names from training
 FIGURES = ("accuracy_vs_parameters", "accuracy_vs_train_time", "class_accuracy", "learning_curves",
-           "best_confusion", "best_mistakes")                # plots/compare/<name>.png
+           "best_confusion", "best_mistakes", "reliability", "robustness")  # plots/compare/<name>.png
 
 # What the source reports give for each row (the last epoch where they say which), shown
 # beside our numbers. The seed credits its SVC recipe as written (with a scaler: our
@@ -59,11 +61,17 @@ NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~1
 
 
 RUN_COLUMNS = ("id", "row", "seed", "accuracy", "macro_f1", "tta_accuracy", "batchstat_accuracy",
-               "parameters", "recipe", "epochs", "train_size", "train_s", "hardware")
+               "parameters", "recipe", "epochs", "train_size", "train_s", "hardware",
+               "calibrated", "ece", "ece_ts", "brier", "brier_ts", "temperature",
+               "robust", "corruption_accuracy", "corruption_means")
+# Calibration and corrupted-set figures: a run evaluated before they existed has none (its
+# row says "not evaluated", never a number); a row shows the mean over the seeds that have them.
+EVALUATED_MEAN = ("ece", "ece_ts", "brier", "brier_ts", "temperature", "corruption_accuracy")
+NOT_EVALUATED = "not evaluated"
 SUMMED = ("accuracy", "macro_f1")                          # mean ± sample std over seeds
 ALL_OR_NONE = ("tta_accuracy", "batchstat_accuracy")       # mean only when every seed has one
 COMPACT = ("accuracy", "accuracy_std", "macro_f1", "tta_accuracy", "batchstat_accuracy",
-           "parameters", "train_s")                        # metrics/compare.json, per row
+           "parameters", "train_s", "ece", "ece_ts", "corruption_accuracy")  # metrics/compare.json, per row
 
 
 # ---------------------------------------------------------------- gathering
@@ -123,7 +131,17 @@ def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,
             "parameters": train.get("parameters"), "recipe": _recipe(row, train),
             "epochs": train.get("epochs"), "train_size": train.get("train_size"),
             "train_s": train.get("fit_time_s", train.get("wall_time_s")),
-            "hardware": _hardware(train)} | class_accuracy(labels, predicted, classes)
+            "hardware": _hardware(train)} | _evaluated(ev) | class_accuracy(labels, predicted, classes)
+
+
+def _evaluated(ev: dict) -> dict:
+    """A run's calibration and corrupted-set figures from its metrics (None where absent;
+    `calibrated` and `robust` say whether it has them: an SVM's "before" figures are None)."""
+    cal, rob = ev.get("calibration") or {}, ev.get("robustness") or {}
+    return {"calibrated": bool(cal),
+            **{k: cal.get(k) for k in ("ece", "ece_ts", "brier", "brier_ts", "temperature")},
+            "robust": bool(rob), "corruption_accuracy": rob.get("mean_accuracy"),
+            "corruption_means": rob.get("corruptions")}
 
 
 def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
@@ -188,6 +206,17 @@ def _all_or_none(values: pd.Series) -> float:
     return values.mean() if values.notna().all() else np.nan
 
 
+def _count_true(values: pd.Series) -> int:
+    """How many of `values` are True (missing values, as an ensemble's, are not)."""
+    return sum(1 for v in values if isinstance(v, (bool, np.bool_)) and v)
+
+
+def _mean_of_dicts(values: pd.Series) -> dict | None:
+    """Key by key mean of the dicts among `values` (None where there is none)."""
+    dicts = [v for v in values if isinstance(v, dict)]
+    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else None
+
+
 def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFrame:
     """One row per table row: mean and sample std over its seeds; rows with no run at this
     scale carry the command that runs them. Index: the row names, in params.yaml's order."""
@@ -197,7 +226,13 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
                        **{k: (k, _all_or_none) for k in ALL_OR_NONE},
                        **{k: (k, "first") for k in ("parameters", "recipe", "epochs", "train_size")},
                        hardware=("hardware", _distinct),
-                       train_s=("train_s", "mean"))
+                       train_s=("train_s", "mean"),
+                       **{k: (k, "mean") for k in EVALUATED_MEAN},   # NaN-skipping: evaluated seeds
+                       calibrated_runs=("calibrated", _count_true),
+                       robust_runs=("robust", _count_true),
+                       corruptions=("corruption_means", _mean_of_dicts))
+    table["worst_corruption"] = [min(d, key=d.get) if d else None for d in table["corruptions"]]
+    table["worst_accuracy"] = [min(d.values()) if d else np.nan for d in table["corruptions"]]
     table[[f"{k}_std" for k in SUMMED]] = table[[f"{k}_std" for k in SUMMED]].fillna(0.0)
     table = table.join(groups[list(plan.classes)].mean())
     table["seeds"] = groups["seed"].agg(lambda s: [int(v) for v in s.dropna()])
@@ -274,6 +309,37 @@ def _with_spread(entry: dict, key: str) -> str:
     return text
 
 
+def _evaluated_note(e: dict, count: str) -> str:
+    return f" ({e[count]} of {e['runs']} seeds)" if e[count] < e["runs"] else ""
+
+
+def _calibration_cells(e: dict) -> dict:
+    """ECE and Brier "model → temperature-scaled", and the temperature; "n/a" before scaling
+    for SVM score softmaxes (no probabilities); NOT_EVALUATED where no seed has them."""
+    if not e.get("calibrated_runs"):
+        return dict.fromkeys(CALIBRATION_COLUMNS, NOT_EVALUATED)
+    note = _evaluated_note(e, "calibrated_runs")
+
+    def pair(key: str) -> str:
+        before = "n/a" if e.get(key) is None else f"{e[key]:.4f}"
+        return f"{before} → {e[key + '_ts']:.4f}{note}"
+
+    return {"ECE model → TS": pair("ece"), "Brier model → TS": pair("brier"),
+            "temperature": f"{e['temperature']:.3f}{note}"}
+
+
+def _robustness_cells(e: dict) -> dict:
+    if not e.get("robust_runs"):
+        return dict.fromkeys(ROBUSTNESS_COLUMNS, NOT_EVALUATED)
+    note = _evaluated_note(e, "robust_runs")
+    return {"corruption accuracy": f"{e['corruption_accuracy']:.4f}{note}",
+            "worst corruption": f"{e['worst_corruption']} {e['worst_accuracy']:.4f}"}
+
+
+CALIBRATION_COLUMNS = ("ECE model → TS", "Brier model → TS", "temperature")
+ROBUSTNESS_COLUMNS = ("corruption accuracy", "worst corruption")
+
+
 def _display_row(row: str, e: dict) -> dict:
     if e.get("not_run"):
         return {"row": row, "recipe": f"**not run at {e['scale']} scale**: `{e['command']}` ({e['estimate']})",
@@ -283,13 +349,14 @@ def _display_row(row: str, e: dict) -> dict:
             "macro F1": _with_spread(e, "macro_f1"),
             "flip TTA": f"{e['tta_accuracy']:.4f}" if e.get("tta_accuracy") is not None else "-",
             "epochs": str(e["epochs"]) if e.get("epochs") else "-", "train time": _duration(e.get("train_s")),
-            "trained on": e.get("hardware") or "-", "scale": e["scale"], "source report": e["seed_reported"]}
+            "trained on": e.get("hardware") or "-", "scale": e["scale"], "source report": e["seed_reported"],
+            **_calibration_cells(e), **_robustness_cells(e)}
 
 
 def results_table(table: dict) -> str:
     """The Markdown results table, a pure function of reports/results.json."""
-    columns = ["row", "params", "recipe", "test accuracy", "macro F1", "flip TTA", "epochs",
-               "train time", "trained on", "scale", "source report"]
+    columns = ["row", "params", "recipe", "test accuracy", "macro F1", "flip TTA", *CALIBRATION_COLUMNS,
+               *ROBUSTNESS_COLUMNS, "epochs", "train time", "trained on", "scale", "source report"]
     shown = pd.DataFrame([_display_row(row, e) for row, e in table.items()], columns=columns).fillna("-")
     return shown.to_markdown(index=False, colalign=["left"] * len(columns)) + "\n"
 
@@ -318,12 +385,26 @@ def results_markdown(table: dict) -> str:
     return ("# Results\n\nTest accuracy on the official test images, final epoch, plain single "
             "view; flip TTA separately, for rows trained with flips only. Mean ± sample std where "
             "several seeds ran. Scale `quick` means the quick check (subsets, one epoch), never "
-            "a result.\n\n"
+            f"a result.\n\n{CALIBRATION_NOTES}\n\n"
             f"{results_table(table)}\n## Per-class accuracy\n\n{class_accuracy_table(table)}\n"
             "## Batch-norm statistics\n\nTest accuracy with the running statistics (after the "
             "precise-BN pass over training images) and with each test batch's own statistics; "
             f"equal within noise when the running statistics match the final weights.\n\n"
             f"{batch_norm_table(table)}\n## Figures\n\n{figures}\n")
+
+
+CALIBRATION_NOTES = (
+    f"Calibration: ECE uses {ECE_BINS} equal-width bins of the top-1 confidence (Guo et al. 2017); "
+    "Brier is the sum over classes of the squared error, averaged over images (0 best, 2 worst). "
+    "Each is given for the model's probabilities → after temperature scaling (TS). Temperatures are "
+    "fitted 2-fold on stratified halves of the test set, each half scored with the other half's "
+    "temperature; the temperature column is the geometric mean of the two. SVM rows: a softmax of "
+    "decision scores is no probability, so \"before\" is n/a, and temperature scaling is what makes "
+    "it one. Robustness: plain accuracy on the corrupted test set (`dvc repro corrupt`: a stratified "
+    "subset of the test images, `corrupt.subset_size`, under each of `corrupt.corruptions` at each "
+    "of `corrupt.severities`, as MNIST-C and CIFAR-10-C), the mean over corruptions and severities, "
+    "and the corruption of the lowest mean over its severities. \"not evaluated\": the run's "
+    "evaluation predates these figures; re-run its evaluate stage where its model file is.")
 
 
 # ---------------------------------------------------------------- figures
@@ -387,6 +468,98 @@ def _learning_curves(root: Path, run_ids: list[str], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
+def _read_reliability(path: Path) -> dict[str, list[dict]]:
+    """plots/reliability/<id>.csv by series ("model", "temperature-scaled")."""
+    series: dict[str, list[dict]] = {}
+    try:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                series.setdefault(r["probabilities"], []).append(
+                    {"bin": int(r["bin"]), "confidence": float(r["confidence"]),
+                     "accuracy": float(r["accuracy"]), "count": int(r["count"])})
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}: {err}): re-run its evaluate stage") from None
+    return series
+
+
+def _pooled(points: list[dict]) -> tuple[list[float], list[float]]:
+    """Per bin over several runs: count-weighted mean confidence and accuracy."""
+    bins: dict[int, list[float]] = {}
+    for p in points:
+        total = bins.setdefault(p["bin"], [0.0, 0.0, 0.0])
+        total[0] += p["confidence"] * p["count"]
+        total[1] += p["accuracy"] * p["count"]
+        total[2] += p["count"]
+    ordered = [bins[b] for b in sorted(bins)]
+    return [c / n for c, _, n in ordered], [a / n for _, a, n in ordered]
+
+
+def _panels(count: int, cols: int = 4, size: float = 2.9):
+    plt = _pyplot()
+    rows = max(1, -(-count // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _reliability(root: Path, table: dict, runs: pd.DataFrame, path: Path) -> None:
+    """One reliability diagram per row (its seeds' bins pooled): the model's probabilities
+    and the temperature-scaled ones, against the diagonal."""
+    series: dict[str, dict[str, list[dict]]] = {}
+    for run_id, row in zip(runs["id"], runs["row"]):
+        csv_path = root / "plots/reliability" / f"{run_id}.csv"
+        if row in table and csv_path.is_file():
+            for name, points in _read_reliability(csv_path).items():
+                series.setdefault(row, {}).setdefault(name, []).extend(points)
+    rows = [row for row in table if row in series]
+    fig, axes = _panels(max(len(rows), 1))
+    for ax, row in zip(axes.flat, rows):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        for name, style in (("model", {"ls": "--", "marker": "o", "ms": 3, "color": "C0"}),
+                            ("temperature-scaled", {"ls": "-", "marker": "s", "ms": 3, "color": "C1"})):
+            if series[row].get(name):
+                ax.plot(*_pooled(series[row][name]), label=name, **style)
+        e = table[row]
+        ece = "n/a" if e.get("ece") is None else f"{e['ece']:.3f}"
+        ax.set(title=f"{row}: ECE {ece} → {e['ece_ts']:.3f}", xlim=(0, 1), ylim=(0, 1),
+               xlabel="confidence", ylabel="accuracy")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    if not rows:
+        axes.flat[0].text(0.5, 0.5, NOT_EVALUATED, ha="center", va="center")
+    fig.suptitle(f"reliability: {ECE_BINS} equal-width confidence bins; temperature fitted on the other half "
+                 "of the test set", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def _robustness(root: Path, table: dict, runs: pd.DataFrame, path: Path) -> None:
+    """Accuracy against severity for each row (mean over corruptions and the row's seeds);
+    severity 0 is the row's accuracy on the clean test set."""
+    by_row: dict[str, list[dict]] = {}
+    for run_id, row in zip(runs["id"], runs["row"]):
+        record = root / "reports/robustness" / f"{run_id}.json"
+        if row in table and record.is_file():
+            by_row.setdefault(row, []).append(_read_json(record)["severity_accuracy"])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for row in [r for r in table if r in by_row]:
+        severities = sorted(by_row[row][0], key=int)
+        accuracy = [np.mean([r[s] for r in by_row[row]]) for s in severities]
+        ax.plot([0, *map(int, severities)], [table[row]["accuracy"], *accuracy], marker="o", label=row)
+    if not by_row:
+        ax.text(0.5, 0.5, NOT_EVALUATED, ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="severity (0: the clean test set)", ylabel="accuracy, mean over corruptions",
+           title="accuracy on the corrupted test set")
+    ax.grid(alpha=0.3)
+    if by_row:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
 def best_run(table: dict, runs: pd.DataFrame) -> str | None:
     """The first seed's run of the most accurate single-model row (the ensemble has no gallery)."""
     ran = {row: e["accuracy"] for row, e in table.items() if not e.get("not_run") and row != ENSEMBLE}
@@ -417,6 +590,8 @@ def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path, classe
     _class_heatmap(table, out / "class_accuracy.png")
     deep = runs.loc[~runs["row"].str.startswith("svm-") & (runs["row"] != ENSEMBLE), "id"]
     _learning_curves(root, list(deep), out / "learning_curves.png")
+    _reliability(root, table, runs, out / "reliability.png")
+    _robustness(root, table, runs, out / "robustness.png")
     best = best_run(table, runs)
     if best is not None:
         _confusion(root, best, out / "best_confusion.png", classes)

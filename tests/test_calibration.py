@@ -16,7 +16,7 @@ from tests.test_compare import PLAN, line_of, tree  # noqa: F401 (tree: the comp
 
 
 def test_a_perfectly_calibrated_case_has_ece_zero():
-    # ten images at top-1 confidence 0.8 (bin (11/15, 12/15]... 0.8 = 12/15: bin 11), eight right
+    # ten images at top-1 confidence 0.8, all in one bin, eight of them right: accuracy 0.8
     probs = np.full((10, 3), 0.1)
     probs[:, 0] = 0.8
     labels = np.array([0] * 8 + [1, 2])

@@ -371,7 +371,8 @@ def test_readme_without_markers_or_metrics(tmp_path):
 
 def new_layout(table: dict) -> bool:
     ran = [e for e in table.values() if not e.get("not_run")]
-    return bool(ran) and all({"hardware", "tta_accuracy", "batchstat_accuracy", "class_accuracy"} <= set(e)
+    return bool(ran) and all({"hardware", "tta_accuracy", "batchstat_accuracy", "class_accuracy",
+                              "calibrated_runs", "robust_runs"} <= set(e)
                              and isinstance(e.get("seeds"), list) for e in ran)
 
 
