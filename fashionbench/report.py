@@ -541,7 +541,7 @@ def _robustness(root: Path, table: dict, runs: pd.DataFrame, path: Path) -> None
     by_row: dict[str, list[dict]] = {}
     for run_id, row in zip(runs["id"], runs["row"]):
         record = root / "reports/robustness" / f"{run_id}.json"
-        if row in table and record.is_file():
+        if row in table and record.is_file() and _read_json(record).get("severity_accuracy"):
             by_row.setdefault(row, []).append(_read_json(record)["severity_accuracy"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
