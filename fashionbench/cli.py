@@ -54,13 +54,15 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(USER_ERROR_EXIT) from None
 
 
-_guarded = False
+_guarded = False  # guard_process has run
+_watched = False  # stop_with_dvc has run
 
 
 def guard_process() -> None:
     """Once per process, from the main thread: ignore SIGXFSZ, so a write past `ulimit -f`
-    fails with EFBIG (which user_errors reports) instead of killing the process with no word;
-    and stop_with_dvc."""
+    fails with EFBIG (which user_errors reports) instead of killing the process with no word
+    (CPython ignores it at start-up; a stage does not rely on how it was started); and
+    stop_with_dvc."""
     global _guarded
     if _guarded or threading.current_thread() is not threading.main_thread():
         return
@@ -159,6 +161,3 @@ def stop_with_dvc(poll_s: float = 1.0, grace_s: float = 3.0) -> None:
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="stop-with-dvc").start()
-
-
-_watched = False

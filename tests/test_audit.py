@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 import fashionbench.train as train_module
 from fashionbench import predict, runner
+from fashionbench.cli import user_errors
 from fashionbench.data import Split, save_prepared
 from fashionbench.models import build_model, save_trained
 from fashionbench.models.mlp import MLPArch
@@ -246,6 +248,20 @@ def test_disk_full_while_preprocess_writes_is_one_line_and_keeps_the_old_files(t
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "data/prepared/arrays.npz" in result.stderr and "ulimit -f" in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == old  # no temporary file left either
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO])
+def test_disk_full_and_kin_are_one_line_naming_the_file_and_others_keep_their_traceback(code):
+    def stage():
+        with user_errors():
+            raise OSError(code, os.strerror(code), "data/prepared/arrays.npz")
+    result = invoke(stage)
+    if code == errno.EIO:  # not one a user fixes by freeing space or changing a limit or mode
+        assert isinstance(result.exception, OSError) and result.exit_code == 1
+        return
+    assert result.exit_code == 2 and not isinstance(result.exception, OSError), result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: data/prepared/arrays.npz: ") and os.strerror(code) in line, line
 
 
 def test_truncated_raw_file_names_the_path_and_the_download_stage(tiny_repo):
