@@ -217,6 +217,7 @@ class SessionPlan:
     batches: int
     limits: dict
     settings: dict            # params.yaml keys the runs set to other values than it holds
+    startup_s: float = 15.0   # a run's start before its training budget counts
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -338,7 +339,7 @@ def make_plan(raw: dict, params: Params, cards: dict, req: Request) -> SessionPl
     mib, batches = _choose_weights(runs, req)
     settings = {k: v for r in runs if not r.check for k, v in r.overrides.items() if _value(raw, k) != v}
     return SessionPlan(req.card, req.minutes, lanes, factor, req.margin, req.pack_s, req.eval_s,
-                       runs, mib, batches, dataclasses.asdict(req.limits), settings)
+                       runs, mib, batches, dataclasses.asdict(req.limits), settings, req.startup_s)
 
 
 def _value(raw: dict, key: str) -> Any:
@@ -738,8 +739,9 @@ class Executor:
         self.active.append(Job(run, stage, process, time.monotonic(), log))
 
     def start_train(self, run: RunPlan, left_s: float) -> None:
+        budget = max(left_s - self.plan.startup_s, 1.0) / 60  # the runner counts from its own start
         args = ["-m", "fashionbench.runner", "train", run.row, "--seed", str(run.seed),
-                "--minutes", f"{left_s / 60:.3f}", "--root", str(self.work / "runs" / run.name)]
+                "--minutes", f"{budget:.3f}", "--root", str(self.work / "runs" / run.name)]
         if self.piece_epochs:
             args += ["--epochs", str(self.piece_epochs)]
         self.launch(run, "train", args, self.root)
@@ -761,7 +763,13 @@ class Executor:
                 record["state"] = "trained"
                 if run.weights == "bf16" and not run.check:
                     folder = self.work / "runs" / run.name
-                    rounded = round_to_bf16(folder / runner.outputs(run.row, run.seed)[0])
+                    try:
+                        rounded = round_to_bf16(folder / runner.outputs(run.row, run.seed)[0])
+                    except Exception as err:  # an unreadable model: the run cannot travel
+                        record["state"] = "failed"
+                        self.say(f"{run.name}: its model could not be rounded to bf16 ({err})")
+                        self.state.save()
+                        return
                     self.say(f"{run.name}: {rounded} tensors rounded to bf16 for the transfer")
                 self.say(f"{run.name}: trained in {call['seconds']:.0f} s")
                 self.state.save()
