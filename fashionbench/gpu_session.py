@@ -447,12 +447,12 @@ def format_plan(plan: SessionPlan) -> str:
     lines = [f"GPU session on {plan.card}: {plan.minutes:g} min, {plan.lanes} process"
              f"{'es' if plan.lanes > 1 else ''} side by side (each epoch x{plan.factor:.2f} its time "
              f"alone), margin {plan.margin:.0%}",
-             f"{'run':<26}{'epochs':>7}{'published':>10}{'s/epoch':>9}{'est. min':>9}  {'compile':<16}"
-             f"{'weights':<8}speed from"]
+             f"{'row':<22}{'seed':>5}{'epochs':>7}{'published':>10}{'s/epoch':>8}{'est. min':>9}{'lane':>5}  "
+             f"{'compile':<16}{'weights':<8}speed from"]
     for run in plan.runs:
-        weights = run.weights if not run.check else "-"
-        lines.append(f"{run.name:<26}{run.epochs:>7}{run.published:>10}{run.seconds:>9.2f}"
-                     f"{run.est_s / 60:>9.1f}  {run.mode:<16}{weights:<8}{run.source}")
+        row, weights = (f"{run.row} ({run.check} check)", "-") if run.check else (run.row, run.weights)
+        lines.append(f"{row:<22}{run.seed:>5}{run.epochs:>7}{run.published:>10}{run.seconds:>8.2f}"
+                     f"{run.est_s / 60:>9.1f}{run.lane:>5}  {run.mode:<16}{weights:<8}{run.source}")
     for lane in range(1, plan.lanes + 1):
         mine = [r for r in plan.runs if r.lane == lane]
         lines.append(f"lane {lane}: {' then '.join(r.name for r in mine)} "

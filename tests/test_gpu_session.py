@@ -118,7 +118,7 @@ def make_repo(folder):
 
 def run_session(root, work, out, *extra):
     return invoke(gpu_session.run, [*SESSION, "--root", root, "--device", "cpu", "--work", work,
-                                    "--out", out, *extra])
+                                    "--data", work.parent / "carry", "--out", out, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,8 @@ def session(tmp_path_factory):
     epoch, then a second that resumes, evaluates and lays out; later transfers fetched by `send`."""
     base = tmp_path_factory.mktemp("session")
     root, work = make_repo(base / "device"), base / "work"
+    packed = invoke(gpu_session.pack_data, ["--root", root, "--out", base / "carry"])  # what travels
+    assert packed.exit_code == 0, packed.output
     first = run_session(root, work, base / "out1", "--piece-epochs", "1")
     second = run_session(root, work, base / "out2")
     manifest = json.loads((base / "out2" / gpu_session.MANIFEST).read_text())
@@ -153,6 +155,17 @@ def test_a_budget_stop_keeps_checkpoints_and_a_second_run_resumes(session):
         assert "resuming from" in log and "at epoch 1 of 2" in log, log  # the checkpoint, not epoch 0
         curve = work / "runs" / name / "plots/train" / name / "plots/metrics/train/loss.tsv"
         assert len(curve.read_text().splitlines()) == 3  # header + epochs 1 and 2, once each
+
+
+def test_the_data_travels_compressed_and_is_the_same_data(session):
+    import zipfile
+
+    carry, prepared = session["base"] / "carry", session["root"] / "data"
+    with zipfile.ZipFile(carry / "prepared/arrays.npz") as packed:
+        assert {i.compress_type for i in packed.infolist()} == {zipfile.ZIP_DEFLATED}
+    for name in [p.name for p in prepared.iterdir() if p.is_dir()]:
+        assert gpu_session.data_digest(carry / name) == gpu_session.data_digest(prepared / name)
+    assert session["manifest"]["data"]["data/prepared"] == gpu_session.data_digest(prepared / "prepared")
 
 
 def test_the_two_rows_train_side_by_side(session):
@@ -316,7 +329,9 @@ def test_the_seeds_of_a_row_share_its_epochs_and_the_plan_prints_as_a_table():
     assert {r.epochs for r in plan.runs} == {plan.runs[0].epochs} and plan.runs[0].published == 600
     assert plan.runs[0].overrides["seeds.wrn32"] == [0, 1, 2]
     text = gpu_session.format_plan(plan)
-    assert "wrn32-seed2" in text and "est. min" in text and "-S 'wrn32.epochs=" in text
+    assert "est. min" in text and "-S 'wrn32.epochs=" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("wrn32 ")]
+    assert [r[1:4] for r in rows] == [[str(seed), str(plan.runs[0].epochs), "600"] for seed in (0, 1, 2)]
 
 
 def test_the_compile_check_is_a_pair_at_equal_epochs_and_seed_side_by_side():
