@@ -47,6 +47,25 @@ def test_the_defaults_train_as_before_on_the_cpu(params_dict):
     assert make_runtime(params_from_dict(params_dict).recipe("wrn")).compile == "default"
 
 
+def test_a_cpu_run_with_compile_auto_gives_the_weights_it_gave_uncompiled(params_dict):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from fashionbench.data import Split
+    from fashionbench.train import fit
+
+    params_dict["train_defaults"] |= {"device": "cpu", "precise_bn": 0}
+    params_dict["mlp"] |= {"epochs": 2, "warmup_epochs": 1.0, "arch": {"hidden": [8], "dropout": 0.0}}
+    recipe = params_from_dict(params_dict).recipe("mlp")
+    rng = np.random.default_rng(0)
+    train = Split(rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), np.repeat(np.arange(10), 26)[:256])
+    weights = [fit("mlp", recipe.arch, replace(recipe, compile=mode), train, None, mean=0.3, std=0.35,
+                   seed=0, progress=False).model.state_dict() for mode in ("auto", "none")]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
 # ---------------------------------------------------------------- a session, end to end on the CPU
 
 import json
