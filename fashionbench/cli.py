@@ -130,7 +130,9 @@ def stop_with_dvc(poll_s: float = 1.0, grace_s: float = 3.0) -> None:
     run beside it. A daemon thread polls the dvc ancestor and, when it is gone, sends this
     process SIGTERM, which the main thread turns into SystemExit: locks are released and no
     half-written file is left (DVC starts stages with SIGINT ignored, so an interrupt
-    would not reach them). A main thread held in native code that never returns to Python
+    would not reach them). A stage whose dvc died before this call (a stage still importing
+    its libraries) has no dvc ancestor left but the DVC_STAGE that dvc set: it stops at
+    once. A main thread held in native code that never returns to Python
     (a libsvm fit) cannot take the SystemExit: after `grace_s` seconds the thread ends the
     process's own workers and the process itself. Call from the main thread; a second call
     does nothing.
@@ -141,6 +143,10 @@ def stop_with_dvc(poll_s: float = 1.0, grace_s: float = 3.0) -> None:
     _watched = True
     owner = next((pid for pid in _ancestors() if _is_dvc(pid)), None)
     if owner is None:
+        if os.environ.get("DVC_STAGE"):  # dvc names the stage it starts: that dvc is gone already
+            typer.echo(f"error: the dvc process that started stage {os.environ['DVC_STAGE']} is gone; "
+                       "stopping", err=True)
+            raise SystemExit(128 + signal.SIGTERM)
         return
     started = (_stat(owner) or [None] * 20)[19]
 

@@ -147,8 +147,9 @@ def test_finished_runs_leave_no_folder_and_old_unreadable_checkpoints_are_cleane
 # ---------------------------------------------------------------- stages stop with their dvc
 
 FAKE_DVC = """#!{python}
-import subprocess, sys
-sys.exit(subprocess.call(sys.argv[1], shell=True))  # as dvc runs a stage's cmd
+import os, subprocess, sys
+# as dvc runs a stage's cmd: in a shell, with DVC_STAGE naming the stage
+sys.exit(subprocess.call(sys.argv[1], shell=True, env={{**os.environ, "DVC_STAGE": "train_svm@rbf"}}))
 """
 
 SVM_STAGE = """
@@ -159,10 +160,13 @@ import fashionbench.classical as classical
 def long_fit(*args, **kwargs):
     if {native}:  # a fit in native code: the main thread runs no Python until it returns
         signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})
-    Path("stage.pid").write_text(str(os.getpid()))
+    Path("fitting").write_text("")
     time.sleep(120)
 
 classical.train_variant = long_fit
+Path("stage.pid").write_text(str(os.getpid()))
+while not Path("go").exists():  # the test says when the stage goes on
+    time.sleep(0.05)
 sys.argv = ["train_svm", "rbf"]
 runpy.run_module("stages.train_svm", run_name="__main__")
 """
@@ -176,9 +180,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def wait_for(path, parent, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.05)
+    assert path.is_file(), parent.communicate()[1][-2000:]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
-def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, native):
+@pytest.mark.parametrize("when", ["fitting", "fitting in native code", "still importing"])
+def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, when):
     write_params()
     split = Split(np.zeros((20, 28, 28), dtype=np.uint8) + np.arange(20)[:, None, None], np.arange(20) % 10)
     save_prepared(with_train_stats(split, None, split), tmp_path / "data/prepared")
@@ -186,17 +197,18 @@ def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, native):
     dvc.parent.mkdir()
     dvc.write_text(FAKE_DVC.format(python=sys.executable))
     dvc.chmod(0o755)
-    (tmp_path / "stage.py").write_text(SVM_STAGE.format(native=native))
+    (tmp_path / "stage.py").write_text(SVM_STAGE.format(native=when == "fitting in native code"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen([str(dvc), f"{sys.executable} stage.py"], cwd=tmp_path, env=env,
                               stderr=subprocess.PIPE, text=True)
-    pid_file, deadline = tmp_path / "stage.pid", time.monotonic() + 60
-    while not pid_file.is_file() and time.monotonic() < deadline and parent.poll() is None:
-        time.sleep(0.1)
-    assert pid_file.is_file(), parent.communicate()[1][-2000:]
-    stage = int(pid_file.read_text())
+    wait_for(tmp_path / "stage.pid", parent)
+    stage = int((tmp_path / "stage.pid").read_text())
+    if when != "still importing":  # dvc is killed while the fit runs, else before the stage's own code
+        (tmp_path / "go").touch()
+        wait_for(tmp_path / "fitting", parent)
     parent.kill()  # SIGKILL: dvc gets no chance to stop its stage
     parent.wait()
+    (tmp_path / "go").touch()
     killed = time.monotonic()
     while alive(stage) and time.monotonic() < killed + 15:
         time.sleep(0.1)
@@ -205,6 +217,7 @@ def test_svm_stage_stops_when_its_dvc_is_killed(tmp_path, write_params, native):
         pytest.fail("the SVM stage outlived the dvc process that started it")
     assert time.monotonic() - killed < 8
     assert "is gone; stopping" in parent.stderr.read()
+    assert (tmp_path / "fitting").exists() == (when != "still importing")  # a late stage fits nothing
 
 
 # ---------------------------------------------------------------- preprocess: disk full, a truncated raw file
