@@ -123,6 +123,23 @@ def hflip(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
+def _hash_bit(index: Tensor, salt: int) -> Tensor:
+    """A fixed pseudo-random bit per integer index (a 32-bit integer hash, salted)."""
+    h = (index.long() + (salt % 2**31) * 0x9E3779B1) & 0xFFFFFFFF
+    h = ((h >> 16) ^ h) * 0x45D9F3B & 0xFFFFFFFF
+    h = ((h >> 16) ^ h) * 0x45D9F3B & 0xFFFFFFFF
+    return ((h >> 16) ^ h) & 1 == 1
+
+
+def alternating_flip(x: Tensor, index: Tensor, epoch: int, gen: torch.Generator) -> Tensor:
+    """airbench's derandomised flip: training image `index[i]` is mirrored in epoch 1 or not
+    by a fixed coin (a hash of its index, salted by the seed `gen` was made with; nothing is
+    drawn), and in each later epoch the opposite of the one before: over any two epochs every
+    image is seen once each way, where independent coins repeat a side half the time."""
+    flip = _hash_bit(index, gen.initial_seed()) ^ (epoch % 2 == 0)
+    return torch.where(_per_image(flip), x.flip(-1), x)
+
+
 def jitter(x: Tensor, strength: float, p: float, gen: torch.Generator) -> Tensor:
     """With probability p, brightness then contrast factors from U(1 - s, 1 + s).
 
@@ -222,10 +239,12 @@ def normalise(x: Tensor, mean: float, std: float) -> Tensor:
 
 
 def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, std: float,
-                  size: int = 0) -> Tensor:
+                  size: int = 0, *, index: Tensor | None = None, epoch: int = 1) -> Tensor:
     """uint8 (N,C,H,W) -> normalised float (N,C,size,size), in the seed's order: crop (a random
     `size` window where H is larger: the enlarged frame of a 32-px recipe), AutoAugment, jitter,
-    hflip, translate, normalise, erase (then cutout). Steps switched off draw nothing."""
+    hflip, translate, normalise, erase (then cutout). Steps switched off draw nothing.
+    `index` (the images' places in the training set) and `epoch` (from 1) drive
+    cfg.alternate_flip."""
     if size and x.shape[-1] > size:
         x = random_crop_to(x, size, gen)
     if cfg.crop_pad:
@@ -235,7 +254,11 @@ def augment_batch(x: Tensor, cfg: Augment, gen: torch.Generator, mean: float, st
     x = x.float() / 255.0
     if cfg.jitter and cfg.jitter_p:
         x = jitter(x, cfg.jitter, cfg.jitter_p, gen)
-    if cfg.hflip:
+    if cfg.hflip and cfg.alternate_flip:
+        if index is None:
+            raise ValueError("alternate_flip needs the images' training-set indices (index=)")
+        x = alternating_flip(x, index, epoch, gen)
+    elif cfg.hflip:
         x = hflip(x, cfg.hflip, gen)
     if cfg.translate:
         x = translate(x, cfg.translate, gen)

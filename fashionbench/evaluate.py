@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fashionbench.augment import as_nchw, input_view, normalise
+from fashionbench.augment import as_nchw, input_view, normalise, shift
 from fashionbench.data import Split, load_prepared
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json
@@ -95,7 +95,8 @@ def _inputs(images: np.ndarray, mean: float, std: float, device: torch.device,
 def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
                   batch_size: int, device: torch.device, views: tuple[str, ...] = ("plain",),
                   batch_stats: bool = False, size: int = 0) -> np.ndarray:
-    """Softmax probabilities (N, classes) float32, averaged over `views` ("plain", "hflip").
+    """Softmax probabilities (N, classes) float32, averaged over `views` (see `view`: "plain",
+    "hflip", "shift 1 1", "hflip shift -1 -1", ...).
 
     `batch_stats` normalises batch-norm layers by each test batch's own statistics instead
     of the running ones: a diagnostic of stale running statistics, never a headline number.
@@ -110,12 +111,33 @@ def predict_proba(model: nn.Module, images: np.ndarray, mean: float, std: float,
     try:
         for start in range(0, len(images), batch_size):
             x = _inputs(images[start:start + batch_size], mean, std, device, size)
-            probs = sum(model(x.flip(dims=[-1]) if view == "hflip" else x).float().softmax(dim=1)
-                        for view in views) / len(views)
+            probs = sum(model(view(x, name, black=-mean / std)).float().softmax(dim=1)
+                        for name in views) / len(views)
             out.append(probs.cpu())
     finally:
         model.eval()
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def view(x: torch.Tensor, name: str, black: float) -> torch.Tensor:
+    """One TTA view of a normalised batch: "plain", "hflip" (mirrored), "shift DY DX" (moved
+    DY px down and DX px right, uncovered pixels set to `black`, the normalised 0 pixel, as
+    training's crops fill them) or "hflip shift DY DX"."""
+    words = name.split()
+    if words[:1] == ["hflip"]:
+        x, words = x.flip(dims=[-1]), words[1:]
+    if words[:1] == ["shift"] and len(words) == 3:
+        dy, dx = (torch.full((len(x),), int(w), device=x.device) for w in words[1:])
+        return shift(x - black, dy, dx) + black
+    if words not in ([], ["plain"]):
+        raise ValueError(f"unknown TTA view {name!r}")
+    return x
+
+
+def shifted_views(px: int) -> tuple[str, ...]:
+    """The translate part of flip + translate TTA (airbench): up-left and down-right by `px`,
+    each plain and mirrored."""
+    return tuple(f"{flip}shift {d} {d}" for d in (-px, px) for flip in ("", "hflip "))
 
 
 def load_model(run: Run, root: Path, device: torch.device) -> tuple[nn.Module, dict]:
@@ -374,6 +396,10 @@ def _deep_predictions(run: Run, root: Path, test: Split, cfg: Evaluate, plots: P
     if cfg.tta and meta.get("hflip", 0.0) > 0:
         flipped = predict_proba(model, test.images, views=("hflip",), **norm)
         tta = (probs + flipped) / 2  # the plain view's pass is already done: one pass, not two
+        shift_px = int(meta.get("tta_shift", 0))
+        if shift_px:  # the row's translate TTA: the four shifted views take half the weight
+            tta = (tta + predict_proba(model, test.images, views=shifted_views(shift_px), **norm)) / 2
+            info["tta_shift"] = shift_px
         info["tta_accuracy"] = float(np.mean(tta.argmax(axis=1) == test.labels))
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batch = predict_proba(model, test.images, batch_stats=True, **norm)

@@ -230,6 +230,7 @@ class Augment:
     mixup: float
     cutmix: float
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"]  # torchvision's policies
+    alternate_flip: bool = False  # hflip 0.5: each image flips every other epoch (airbench)
 
     def __post_init__(self) -> None:
         side = _data().side
@@ -242,6 +243,8 @@ class Augment:
         _require(0 < low <= high < 1, "erase_scale", "must be [min, max] with 0 < min <= max < 1")
         _require(0 <= self.cutout <= side, "cutout", f"must be in [0, {side}] px")
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup", "Beta alphas must be >= 0")
+        _require(not self.alternate_flip or self.hflip == 0.5, "alternate_flip",
+                 f"needs hflip: 0.5 (half the images flipped in any epoch), not {self.hflip:g}")
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ class TrainRecipe:
     lr: float
     weight_decay: float
     momentum: float
-    schedule: Literal["onecycle", "cosine", "constant", "step"]
+    schedule: Literal["onecycle", "cosine", "constant", "step", "linear"]
     pct_start: float
     div_factor: float
     final_div_factor: float
@@ -265,6 +268,7 @@ class TrainRecipe:
     step_epochs: float
     step_gamma: float
     label_smoothing: float
+    bn_bias_lr: float     # batch-norm biases' lr as a multiple of lr (their weight decay / it)
     grad_clip: float
     ema: float
     precise_bn: int
@@ -276,6 +280,8 @@ class TrainRecipe:
     compile: Literal["auto", "none", "default", "reduce-overhead"]  # auto: train.resolve_compile
     sync_bn: bool
     eval_batch_size: int
+    time_budget_s: float  # s; 0 = none
+    tta_shift: int        # px; evaluate's TTA adds shifted views; 0 = flips only
 
     def __post_init__(self) -> None:
         from fashionbench.models.registry import UnknownModelError, spec
@@ -305,6 +311,10 @@ class TrainRecipe:
         _require(self.step_epochs > 0, "step_epochs", "must be > 0 epochs")
         _require(0 < self.step_gamma <= 1, "step_gamma", "must be in (0, 1]")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        _require(self.bn_bias_lr > 0, "bn_bias_lr", "must be > 0 (1 = the lr of every other weight)")
+        _require(self.time_budget_s >= 0, "time_budget_s", "must be >= 0 s (0 = no budget)")
+        _require(0 <= self.tta_shift <= _data().side // 4, "tta_shift",
+                 f"must be in [0, {_data().side // 4}] px (0 = flip TTA only)")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0 = off)")
         _require(self.precise_bn >= 0, "precise_bn", "must be >= 0 images (0 = off)")

@@ -36,7 +36,7 @@ from fashionbench import distributed, machine
 from fashionbench.lookahead import Lookahead
 from fashionbench.io import atomic_path, exclusive_lock, write_json
 from fashionbench.models import build_model, count_parameters, describe, save_trained
-from fashionbench.params import Params, TrainRecipe, reading
+from fashionbench.params import Params, ParamsError, TrainRecipe, reading
 from fashionbench.seeding import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def make_optimizer(model: nn.Module, recipe: TrainRecipe, device: torch.device) 
     """AdamW (beta1 = momentum); SGD: Nesterov with momentum > 0, plain at momentum 0; Ranger:
     RAdam (beta1 = momentum, decoupled weight decay) in Lookahead with its published k = 6,
     alpha = 0.5."""
-    params = model.parameters()
+    params = param_groups(model, recipe)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
@@ -172,16 +172,30 @@ def make_optimizer(model: nn.Module, recipe: TrainRecipe, device: torch.device) 
                              weight_decay=recipe.weight_decay, fused=device.type == "cuda")
 
 
+def param_groups(model: nn.Module, recipe: TrainRecipe) -> list[dict]:
+    """The optimiser's parameter groups: one, or with bn_bias_lr != 1 a second one holding the
+    batch-norm biases at that multiple of the lr and the weight decay divided by it (airbench:
+    64x, so the biases move fast while their decay per step stays as it was)."""
+    params = list(model.parameters())
+    if recipe.bn_bias_lr == 1:
+        return [{"params": params}]
+    fast = {id(m.bias) for m in _batch_norms(model) if m.bias is not None and m.bias.requires_grad}
+    return [{"params": [p for p in params if id(p) not in fast]},
+            {"params": [p for p in params if id(p) in fast], "lr": recipe.lr * recipe.bn_bias_lr,
+             "weight_decay": recipe.weight_decay / recipe.bn_bias_lr}]
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per batch. onecycle: torch's OneCycleLR with the recipe's knobs (momentum
     is held at the recipe's value, not cycled); cosine: linear warmup then cosine to 0;
     constant: linear warmup then lr; step: linear warmup, then lr times step_gamma after every
-    step_epochs epochs."""
+    step_epochs epochs; linear: linear warmup, then linearly to 0 at the last step. Each
+    parameter group keeps its lr's ratio to the recipe's (param_groups)."""
     total = recipe.epochs * steps_per_epoch
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, total_steps=total, pct_start=recipe.pct_start,
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total, pct_start=recipe.pct_start,
             div_factor=recipe.div_factor, final_div_factor=recipe.final_div_factor,
             cycle_momentum=False)
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
@@ -192,6 +206,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe,
             return (step + 1) / warmup
         if recipe.schedule == "step":
             return recipe.step_gamma ** int((step - warmup) / (recipe.step_epochs * steps_per_epoch))
+        if recipe.schedule == "linear":
+            return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
         if not cosine:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -234,7 +250,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     start = time.perf_counter()
     for step in range(steps):
         idx = order[step * batch:(step + 1) * batch]
-        x = augment_batch(images[idx], recipe.augment, gen, mean, std, recipe.input_size)
+        x = augment_batch(images[idx], recipe.augment, gen, mean, std, recipe.input_size,
+                          index=idx, epoch=epoch)
         y = labels[idx]
         x, target = mix_batch(x, y, recipe.augment, gen, num_classes)
         x, y, target = group.shard(x), group.shard(y), group.shard(target)
@@ -502,6 +519,9 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
     model, forward = distributed.wrap(model, runtime.device, group, recipe.sync_bn)
     train_x, train_y = to_device(train, runtime.device)
     train_x = enlarge(train_x, recipe.input_size)  # a 32-px recipe crops its batches from 36 px
+    if not epoch_images:  # the quick check trains full recipes on a few hundred images
+        _check_batch(recipe, len(train))
+    init_from_data(model, train_x, recipe.input_size, mean, std)
     val_xy = None
     if val is not None and len(val):
         val_x, val_y = to_device(val, runtime.device)
@@ -527,6 +547,7 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         for metrics in history:
             if on_epoch is not None:
                 on_epoch(metrics)
+        on_epoch = within_budget(on_epoch, recipe) if group.is_main else None
         _train_epochs(model, forward, optimizer, scheduler, ema, history, recipe, runtime, gen,
                       train_x, train_y, val_xy, mean=mean, std=std, steps=steps,
                       epoch_images=epoch_images, checkpoint=checkpoint if group.is_main else None,
@@ -538,6 +559,40 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
         if run_dir is not None and group.is_main:  # finished: a forced re-run starts from epoch 0
             _remove_run_folder(run_dir, started)
     return FitResult(final.eval(), history, runtime.describe(), bn)
+
+
+def _check_batch(recipe: TrainRecipe, train_size: int) -> None:
+    if recipe.batch_size > train_size:
+        raise ParamsError("batch_size", f"{recipe.batch_size} is more than the {train_size} training "
+                          f"images: every step would see the whole set; use at most {train_size}")
+
+
+def init_from_data(model: nn.Module, train_x: Tensor, size: int, mean: float, std: float) -> None:
+    """Give a model with a data-dependent initialisation (models/speedrun.py's whitening conv:
+    `init_from_data`) its first `init_images` training images, normalised as it sees them,
+    before the optimiser copies anything; a resumed run then loads its checkpoint over it."""
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        init(normalise(centre_crop(train_x[:model.init_images], size), mean, std))
+
+
+def within_budget(on_epoch: EpochCallback | None, recipe: TrainRecipe) -> EpochCallback | None:
+    """`on_epoch`, preceded after a freshly trained epoch 1 by the check of time_budget_s: a
+    run that its first epoch shows cannot finish in time stops there, naming the key."""
+    if not recipe.time_budget_s:
+        return on_epoch
+
+    def check(metrics: dict) -> None:
+        seconds = metrics["time_s"]
+        if metrics["epoch"] == 1 and seconds * recipe.epochs > recipe.time_budget_s:
+            raise ParamsError("time_budget_s", (
+                f"epoch 1 took {seconds:.1f} s on this machine, so {recipe.epochs} epochs need "
+                f"about {seconds * recipe.epochs:.0f} s, more than the {recipe.time_budget_s:g} s "
+                f"budget: lower epochs to {int(recipe.time_budget_s // seconds)}, train on a "
+                "quieter or faster machine, or set time_budget_s: 0 (no budget)"))
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return check
 
 
 def _train_epochs(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
@@ -618,9 +673,13 @@ def describe_recipe(recipe: TrainRecipe, epoch_images: int = 0) -> str:
     words = [recipe.optimizer, schedule]
     if recipe.label_smoothing:
         words.append(f"LS {recipe.label_smoothing:g}")
+    if recipe.bn_bias_lr != 1:
+        words.append(f"BN-bias lr x{recipe.bn_bias_lr:g}")
+    if recipe.ema:
+        words.append(f"EMA {recipe.ema:g}")
     aug = recipe.augment
     parts = [f"crop pad {aug.crop_pad}" if aug.crop_pad else "", f"translate {aug.translate:g}" if aug.translate else "",
-             f"hflip {aug.hflip:g}" if aug.hflip else "",
+             (f"hflip {aug.hflip:g}" + (" alternating" if aug.alternate_flip else "")) if aug.hflip else "",
              f"jitter {aug.jitter:g} p {aug.jitter_p:g}" if aug.jitter and aug.jitter_p else "",
              f"erase p {aug.erase_p:g}" if aug.erase_p else "", f"cutout {aug.cutout}" if aug.cutout else "",
              f"mixup {aug.mixup:g}" if aug.mixup else "", f"cutmix {aug.cutmix:g}" if aug.cutmix else ""]
@@ -639,14 +698,17 @@ def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir:
     rank 0 only; the other processes return {}). Only the train and validation splits are used.
     """
     recipe, epoch_images = params.recipe(row), params.epoch_images(row)
-    result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
-                 std=data.std, seed=seed, checkpoint_dir=checkpoint_root(), epoch_images=epoch_images,
-                 on_epoch=on_epoch, progress=progress, dataset=params.dataset)
+    try:
+        result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
+                     std=data.std, seed=seed, checkpoint_dir=checkpoint_root(), epoch_images=epoch_images,
+                     on_epoch=on_epoch, progress=progress, dataset=params.dataset)
+    except ParamsError as err:  # fit names the recipe's key; params.yaml spells it under the row
+        raise err.under(row) from None
     if not distributed.is_main():
         return {}  # rank 0 writes the run's outputs
     save_trained(run_dir / "model.pt", result.model, recipe.model, recipe.arch, mean=data.mean,
                  std=data.std, seed=seed, epochs=recipe.epochs, hflip=recipe.augment.hflip,
-                 dataset=params.dataset, input_size=recipe.input_size)
+                 dataset=params.dataset, input_size=recipe.input_size, tta_shift=recipe.tta_shift)
     last = result.history[-1]
     metrics = {
         "run": f"{row}-seed{seed}", "model": recipe.model,

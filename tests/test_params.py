@@ -237,8 +237,8 @@ def test_an_impossible_recipe_option_names_the_key(params_dict, row, key, value,
     ("convs", 0, "must be >= 1"),
 ])
 def test_an_impossible_cnn_shape_names_the_key(params_dict, key, value, fragment):
-    params_dict["speedrun_cpu"]["arch"][key] = value
-    expect_error(params_dict, fragment, f"speedrun_cpu.arch.{key}")
+    params_dict["cnn"]["arch"][key] = value
+    expect_error(params_dict, fragment, f"cnn.arch.{key}")
 
 
 def test_an_unknown_autoaugment_policy_names_the_key(params_dict):
@@ -295,8 +295,8 @@ def test_bool_is_not_a_number(params_dict):
 
 
 def test_a_wrong_literal_in_a_recipe_lists_the_choices(params_dict):
-    params_dict["mlp"]["schedule"] = "linear"
-    expect_error(params_dict, ["'linear' is not one of", "'onecycle'", "'cosine'"], "mlp.schedule")
+    params_dict["mlp"]["schedule"] = "exponential"
+    expect_error(params_dict, ["'exponential' is not one of", "'onecycle'", "'cosine'"], "mlp.schedule")
 
 
 def test_compile_is_a_mode_not_a_switch(params_dict):

@@ -52,11 +52,12 @@ def _plain(arch: Any) -> dict:
 
 def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: float, std: float,
                  seed: int, epochs: int, hflip: float, dataset: Dataset = FASHION_MNIST,
-                 input_size: int = 0) -> None:
+                 input_size: int = 0, tta_shift: int = 0) -> None:
     """Write model.pt (atomically): weights plus everything load_trained, evaluation and
     prediction need (`hflip`: the training flip probability, which decides whether flip TTA is
     sound; `input_size`: the side in px the model was trained at, 0 = the dataset's, recorded
-    in `input_shape`; `dataset`: its name, class names and polarity)."""
+    in `input_shape`; `dataset`: its name, class names and polarity; `tta_shift`: px of the
+    shifted views its flip TTA adds, 0 = none)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     side = input_size or dataset.side
     # Saved through a file object, so the zip's inner folder is "archive", not the temporary
@@ -66,7 +67,8 @@ def save_trained(path: Path, model: nn.Module, name: str, arch: Any, *, mean: fl
                     "input_shape": [dataset.channels, side, side], "num_classes": dataset.num_classes,
                     "mean": float(mean),
                     "std": float(std), "seed": int(seed), "epochs": int(epochs),
-                    "hflip": float(hflip), "dataset": dataset_record(dataset)}, f)
+                    "hflip": float(hflip), "dataset": dataset_record(dataset),
+                    **({"tta_shift": int(tta_shift)} if tta_shift else {})}, f)
 
 
 def dataset_record(dataset: Dataset) -> dict:

@@ -1,0 +1,145 @@
+"""The speed-run recipe's ablation, airbench-style: each trick switched off alone, at equal
+epochs, scored on a 55k/5k validation split (the test set chooses nothing).
+
+    python -m bench.speedrun_ablation                       # every probe, seed 0, then the table
+    python -m bench.speedrun_ablation --probe recipe --probe "no whitening" --seed 1
+    python -m bench.speedrun_ablation --table               # the table of the probes run so far
+
+The base is params.yaml's `speedrun_cpu` recipe (`--epochs` overrides its epochs, warmup kept
+at the same fraction). Data: data/raw split as `preprocess.validation_size=5000` would split
+it, built once into `--prepared` by the library's own preprocessing (not DVC). Each probe
+trains in this process from its seed and appends one JSON line to `--results`: validation
+accuracy plain, with flip TTA and with flip + translate TTA, wall seconds and the machine's
+load average. Wall-clock times depend on what else the CPU runs; the accuracies do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import typer
+
+from fashionbench.data import load_prepared, load_raw, prepare, save_prepared
+from fashionbench.evaluate import predict_proba, shifted_views
+from fashionbench.params import Sizes, TrainRecipe, load_params
+from fashionbench.train import fit
+
+ROW = "speedrun_cpu"
+VALIDATION = 5000
+
+
+def _arch(**changes) -> Callable[[TrainRecipe], TrainRecipe]:
+    return lambda r: dataclasses.replace(r, arch=dataclasses.replace(r.arch, **changes))
+
+
+def _augment(**changes) -> Callable[[TrainRecipe], TrainRecipe]:
+    return lambda r: dataclasses.replace(r, augment=dataclasses.replace(r.augment, **changes))
+
+
+def _recipe(**changes) -> Callable[[TrainRecipe], TrainRecipe]:
+    return lambda r: dataclasses.replace(r, **changes)
+
+
+# Each probe: the recipe with one trick off (TTA needs no probe: every probe reports it).
+PROBES: dict[str, Callable[[TrainRecipe], TrainRecipe]] = {
+    "recipe": lambda r: r,
+    "no whitening": _arch(whiten=False),           # an ordinary trainable 2x2 first conv
+    "no identity init": _arch(dirac=False),
+    "BN biases at 1x lr": _recipe(bn_bias_lr=1.0),
+    "no label smoothing": _recipe(label_smoothing=0.0),
+    "random flips": _augment(alternate_flip=False),
+    "no translation": _augment(crop_pad=0),
+}
+
+
+def prepared_split(raw: Path, out: Path):
+    """The 55k/5k split preprocess makes with validation_size 5000 (seed 0), built once."""
+    if not (out / "arrays.npz").is_file():
+        train, test = load_raw(raw)
+        save_prepared(prepare(train, test, Sizes(VALIDATION, 0, 0, 0)), out)
+    return load_prepared(out)
+
+
+def probe_recipe(params_path: Path, probe: str, epochs: int) -> TrainRecipe:
+    base = load_params(params_path).recipe(ROW)
+    if epochs:
+        base = dataclasses.replace(base, epochs=epochs,
+                                   warmup_epochs=base.warmup_epochs * epochs / base.epochs)
+    return PROBES[probe](dataclasses.replace(base, time_budget_s=0.0, device="cpu"))
+
+
+def run_probe(probe: str, seed: int, recipe: TrainRecipe, data) -> dict:
+    load = os.getloadavg()[0]
+    cpu, start = time.process_time(), time.perf_counter()
+    result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
+                 std=data.std, seed=seed, progress=False)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    kw = {"mean": data.mean, "std": data.std, "batch_size": 1000, "device": torch.device("cpu")}
+    plain = predict_proba(result.model, data.val.images, **kw)
+    flipped = (plain + predict_proba(result.model, data.val.images, views=("hflip",), **kw)) / 2
+    shifted = (flipped + predict_proba(result.model, data.val.images,
+                                       views=shifted_views(max(1, recipe.tta_shift)), **kw)) / 2
+    acc = {name: float(np.mean(p.argmax(axis=1) == data.val.labels))
+           for name, p in (("val_acc", plain), ("val_acc_flip_tta", flipped), ("val_acc_tta", shifted))}
+    return {"probe": probe, "seed": seed, "epochs": recipe.epochs, **acc,
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "s_per_epoch": round(sum(h["epoch_time_s"] for h in result.history) / len(result.history), 1),
+            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per probe, seeds averaged (mean, and the spread when several)."""
+    def cell(values: list[float]) -> str:
+        mean = float(np.mean(values))
+        return f"{mean:.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+    base = [r["val_acc"] for r in rows if r["probe"] == "recipe"]
+    lines = ["| probe | seeds | epochs | val acc | Δ vs recipe | flip TTA | flip + translate TTA | s/epoch | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for probe in [p for p in PROBES if any(r["probe"] == p for r in rows)]:
+        runs = [r for r in rows if r["probe"] == probe]
+        acc = [r["val_acc"] for r in runs]
+        delta = f"{np.mean(acc) - np.mean(base):+.4f}" if base and probe != "recipe" else "-"
+        lines.append(f"| {probe} | {','.join(str(r['seed']) for r in runs)} | {runs[0]['epochs']} | "
+                     f"{cell(acc)} | {delta} | {cell([r['val_acc_flip_tta'] for r in runs])} | "
+                     f"{cell([r['val_acc_tta'] for r in runs])} | "
+                     f"{np.mean([r['s_per_epoch'] for r in runs]):.0f} | "
+                     f"{np.mean([r['wall_s'] for r in runs]):.0f} |")
+    return "\n".join(lines)
+
+
+def main(probe: list[str] = typer.Option([], help=f"probes to run (default: all): {', '.join(PROBES)}"),
+         seed: list[int] = typer.Option([0], help="training seeds (each probe runs once per seed)"),
+         epochs: int = typer.Option(0, help="epochs of every probe; 0 = the recipe's"),
+         show_table: bool = typer.Option(False, "--table", help="only print the table of --results"),
+         params: Path = typer.Option(Path("params.yaml")),
+         raw: Path = typer.Option(Path("data/raw"), help="the four official files (read only)"),
+         prepared: Path = typer.Option(Path("/tmp/speedrun-ablation/prepared"),
+                                       help="where the 55k/5k split is built once"),
+         results: Path = typer.Option(Path("/tmp/speedrun-ablation/results.jsonl"))) -> None:
+    """Run the probes, append each result to --results, print the table of all results."""
+    unknown = [p for p in probe if p not in PROBES]
+    if unknown:
+        raise typer.BadParameter(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    if not show_table:
+        data = prepared_split(raw, prepared)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        for name in probe or list(PROBES):
+            for s in seed:
+                row = run_probe(name, s, probe_recipe(params, name, epochs), data)
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                typer.echo(json.dumps(row))
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    typer.echo(table(rows))
+
+
+if __name__ == "__main__":
+    typer.run(main)
