@@ -5,7 +5,11 @@ One run id names one trained model: "<model>-seed<N>" for the deep models and
 all of it small and kept in git, so that the table is rebuilt on a clone without the DVC
 cache: metrics/eval/<id>.json, predictions/<id>.npz (test probabilities as float16, every
 metric computed from exactly these), reports/runs/<id>.json (the training record's facts and
-curves, carried over from the cached train outputs) and plots/eval/<id>/.
+curves, carried over from the cached train outputs) and plots/eval/<id>/. Calibration
+(fashionbench/calibration.py: ECE, Brier, log loss before and after two-fold temperature
+scaling) goes into the metrics, its reliability points into plots/reliability/<id>.csv; the
+accuracy on the corrupted test set (fashionbench/corrupt.py, data/corrupted) into the metrics
+(summary) and reports/robustness/<id>.json (every corruption and severity).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fashionbench import calibration, corrupt
 from fashionbench.augment import as_nchw, input_view, normalise, shift
 from fashionbench.data import Split, load_prepared
 from fashionbench.errors import UserError
@@ -306,6 +311,32 @@ def write_confusion_csv(labels: np.ndarray, pred: np.ndarray, path: Path, classe
         writer.writerows((classes[a], classes[p]) for a, p in zip(labels, pred))
 
 
+def write_reliability_csv(points: list[dict], path: Path) -> None:
+    """probabilities,bin,confidence,accuracy,count per non-empty confidence bin: the
+    reliability diagram of the model's probabilities ("model", not for SVM score softmaxes)
+    and of the two-fold temperature-scaled ones ("temperature-scaled")."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["probabilities", "bin", "confidence", "accuracy", "count"])
+        writer.writeheader()
+        writer.writerows({**p, "confidence": f"{p['confidence']:.6f}", "accuracy": f"{p['accuracy']:.6f}"}
+                         for p in points)
+
+
+def _predictor(run: Run, root: Path, cfg: Evaluate):  # noqa: ANN202 (images -> classes)
+    """Predicted classes of a run for uint8 images as stored: a deep model's plain view in
+    eval mode (no TTA), an SVM's fitted pipeline (models/svm/<variant>/model.joblib)."""
+    if run.is_svm:
+        return corrupt.svm_predictor(root / "models/svm" / str(run.variant) / "model.joblib", run.id,
+                                     f"train_svm@{run.variant}")
+    from fashionbench.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, meta = load_model(run, root, device)
+    norm = {"mean": meta["mean"], "std": meta["std"], "batch_size": cfg.batch_size, "device": device,
+            "size": meta["input_shape"][-1]}
+    return lambda images: predict_proba(model, images, **norm).argmax(axis=1)
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -315,12 +346,15 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     Headline: plain single-view accuracy and macro F1. `tta_accuracy` (flip TTA) is separate,
     and only for rows trained with horizontal flips: a model never shown a flip is not
     invariant to one. Models with batch norm also report the batch-statistics accuracy, a
-    check that the running statistics match the final weights.
+    check that the running statistics match the final weights. Calibration (before and after
+    two-fold temperature scaling) comes from the stored probabilities; the corrupted test set
+    is scored with the plain view (no TTA), or the SVM's fitted pipeline.
     """
     run = parse_run_id(run_id, params)
     cfg = params.evaluate
     classes = params.dataset.classes
     test = load_prepared(root / "data/prepared", params.dataset).test
+    corrupted = corrupt.load(root / corrupt.CORRUPTED_DIR, params.dataset.stored_shape)
     plots = root / "plots/eval" / run.id
     if run.is_svm:
         probs, info = softmax(load_svm_scores(run, root, test, len(classes))), {}
@@ -331,8 +365,17 @@ def evaluate_run(run_id: str, params: Params, root: Path = Path(".")) -> dict:
     pred = probs.argmax(axis=1)
     # Softmax of SVM decision scores is not a calibrated probability: no log loss for it.
     metrics = classification_metrics(test.labels, pred, len(classes), None if run.is_svm else probs)
-    result = metrics | {k: v for k, v in info.items() if v is not None}
+    # The temperature is fitted on half of the test set the stage evaluates: its size is
+    # quick_scale.test_size in the quick run, the dataset's whole test set otherwise.
+    calibrated, reliability = calibration.calibration(
+        probs, test.labels, cfg.calibration_seed, "quick_scale.test_size" if params.quick else "data.name",
+        probabilities=not run.is_svm)
+    robust, grid = corrupt.robustness(corrupt.accuracy_grid(_predictor(run, root, cfg), corrupted), corrupted)
+    result = (metrics | {k: v for k, v in info.items() if v is not None}
+              | {"calibration": calibrated, "robustness": robust})
     write_confusion_csv(test.labels, pred, root / "plots/confusion" / f"{run.id}.csv", classes)
+    write_reliability_csv(reliability, root / "plots/reliability" / f"{run.id}.csv")
+    write_json(root / "reports/robustness" / f"{run.id}.json", grid)
     mistakes_gallery(test.images, test.labels, probs, cfg.gallery_size, plots / "mistakes.png", classes,
                      prob_label="score softmax" if run.is_svm else "p")
     write_json(root / "metrics/eval" / f"{run.id}.json", result)

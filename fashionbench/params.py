@@ -344,6 +344,7 @@ class Evaluate:
     batch_size: int
     gallery_size: int
     gradcam_images: int
+    calibration_seed: int   # the stratified halves of the test set for temperature scaling
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -351,6 +352,34 @@ class Evaluate:
         _require(1 <= self.gradcam_images <= 100, "gradcam_images", "must be in [1, 100]")
         _require(self.device != "cuda" or _cuda_available(), "device",
                  "cuda is not available on this machine: use device: auto (or cpu)")
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """The corrupted test set (fashionbench/corrupt.py defines each corruption's severities)."""
+
+    subset_size: int                   # stratified official test images corrupted
+    seed: int
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        from fashionbench.corrupt import CORRUPTIONS, MAX_SEVERITY
+
+        classes, test_images = _data().num_classes, _data().test_images or 10**9
+        _require(classes <= self.subset_size <= test_images, "subset_size",
+                 f"{self.subset_size} is impossible: use between {classes} (one image per class) "
+                 f"and the {test_images} test images of {_data().name}")
+        _require(len(self.corruptions) > 0, "corruptions", "list at least one corruption")
+        for name in self.corruptions:
+            _require(name in CORRUPTIONS, "corruptions", f"unknown corruption {name!r}; choose from "
+                     f"{', '.join(CORRUPTIONS)}" + _did_you_mean(name, CORRUPTIONS))
+        _require(len(set(self.corruptions)) == len(self.corruptions), "corruptions", "list each corruption once")
+        _require(len(self.severities) > 0, "severities", "list at least one severity")
+        for severity in self.severities:
+            _require(1 <= severity <= MAX_SEVERITY, "severities",
+                     f"severity {severity} is out of range: severities are 1..{MAX_SEVERITY}")
+        _require(len(set(self.severities)) == len(self.severities), "severities", "list each severity once")
 
 
 @dataclass(frozen=True)
@@ -377,6 +406,7 @@ class QuickScale:
     epoch_images: dict[str, int]
     tsne_size: int
     pca_size: int
+    corrupt_size: int     # test images in the corrupted set
 
     def __post_init__(self) -> None:
         classes = _data().num_classes
@@ -392,6 +422,8 @@ class QuickScale:
                  "needs a `default` entry (training images per epoch for any deep row)")
         _require(all(v >= 1 for v in self.epoch_images.values()), "epoch_images", "sizes must be >= 1")
         _require(self.tsne_size >= 10 and self.pca_size >= 10, "tsne_size", "t-SNE and PCA sizes must be >= 10")
+        _require(classes <= self.corrupt_size <= test_images, "corrupt_size",
+                 f"must be at least {classes} and at most the {test_images} test images")
 
     def images_per_epoch(self, row: str) -> int:
         """Training images drawn per epoch by deep row `row` in the quick run."""
@@ -401,7 +433,7 @@ class QuickScale:
 # ---------------------------------------------------------------- the whole file
 
 TOP_LEVEL = ("seed", "seeds", "quick", "quick_scale", "data", "download", "stats", "preprocess",
-             "svm_defaults", "svm", "model", "train_defaults", "evaluate", "compare")
+             "svm_defaults", "svm", "model", "train_defaults", "corrupt", "evaluate", "compare")
 
 
 @dataclass(frozen=True)
@@ -416,6 +448,7 @@ class Params:
     preprocess: Preprocess
     svm: dict[str, SVM]
     recipes: dict[str, TrainRecipe]  # every deep row: a top-level section naming a `model`
+    corrupt: Corrupt
     evaluate: Evaluate
     compare: Compare
 
@@ -466,6 +499,10 @@ class Params:
         if not self.quick:
             return Sizes(pre.validation_size, pre.subset_size, 0, pre.seed)
         return Sizes(q.validation_size, q.train_size, q.test_size, pre.seed)
+
+    def corrupt_size(self) -> int:
+        """Test images in the corrupted set: `corrupt.subset_size`, or the quick scale's."""
+        return self.quick_scale.corrupt_size if self.quick else self.corrupt.subset_size
 
     def stats_sizes(self) -> Stats:
         """The stats section with the quick scale's t-SNE and PCA sizes when `quick` is on."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,9 @@ def main(list_rows: bool = typer.Option(False, "--list", help="only list the row
          allow_dirty: bool = typer.Option(False, help="run with uncommitted changes included"),
          params: Path = PARAMS_FILE) -> None:
     """Re-train the runs params.yaml's compare.reproduce names and compare them with the record."""
+    # SIGTERM as an exception, so the running stage is killed with this command (subprocess.run
+    # kills its child on the way out) and the temporary copy is removed
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     with user_errors():
         plan = load_plan(params)
         results = json.loads(RESULTS.read_text())

@@ -19,9 +19,9 @@ MARKER = Path("data/params-checked")
 
 def main(params: Path = PARAMS_FILE, marker: Path = MARKER) -> None:
     """Load and validate params.yaml; write the marker file the other stages depend on."""
-    with user_errors():
+    with user_errors():  # a full disk while writing is one line too
         load_params(params)
-    write_text(marker, "params.yaml is valid\n")
+        write_text(marker, "params.yaml is valid\n")
 
 
 if __name__ == "__main__":

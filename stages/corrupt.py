@@ -20,8 +20,8 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
         key = "quick_scale.corrupt_size" if config.quick else "corrupt.subset_size"
         corrupted = corrupt.build(test.images, test.labels, config.corrupt_size(), cfg.seed,
                                   cfg.corruptions, cfg.severities, key)
-    manifest = corrupt.save(corrupted, out)
-    corrupt.examples_figure(test.images[corrupted.indices[0]], corrupted, 0, examples)
+        manifest = corrupt.save(corrupted, out)
+        corrupt.examples_figure(test.images[corrupted.indices[0]], corrupted, 0, examples)
     typer.echo(f"corrupt: {manifest['images']} test images x {len(cfg.corruptions)} corruptions x "
                f"{len(cfg.severities)} severities -> {out / corrupt.CORRUPTED_FILE} "
                f"(sha256 {manifest['sha256'][:12]})")

@@ -19,9 +19,9 @@ def main(params: Path = PARAMS_FILE, raw: Path = Path("data/raw"),
         config = load_params(params)
         sizes = config.stats_sizes()
         train, test = load_raw(raw, config.dataset)
-    write_json(metrics, summary(train, test))
-    write_json(report, description(train, test, config.dataset.classes))
-    write_figures(train, sizes, config.seed, plots, config.dataset)
+        write_json(metrics, summary(train, test))
+        write_json(report, description(train, test, config.dataset.classes))
+        write_figures(train, sizes, config.seed, plots, config.dataset)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ CURVES = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val
 
 
 def main(model: str = typer.Argument(..., help="a deep row of params.yaml: cnn, resnet7, mlp, wrn, ..."),
-         seed: int = typer.Option(0, help="training seed (weights, data order, augmentation)"),
+         seed: int = typer.Option(0, min=0, help="training seed (weights, data order, augmentation)"),
          params: Path = PARAMS_FILE, prepared: Path = Path("data/prepared"),
          models: Path = Path("models"), metrics: Path = Path("metrics/train"),
          plots: Path = Path("plots/train"), progress: bool = True) -> None:
@@ -50,8 +50,9 @@ def main(model: str = typer.Argument(..., help="a deep row of params.yaml: cnn, 
 
             summary = train_and_save(model, config, data, seed, models / model / f"seed{seed}",
                                      metrics / f"{run_id}.json", on_epoch=log_epoch, progress=progress)
-    shown = {k: summary[k] for k in ("train_acc", "val_acc", "wall_time_s", "train_images_per_s") if k in summary}
-    typer.echo(f"{run_id}: {shown}")
+    val = f", validation accuracy {summary['val_acc']:.4f}" if "val_acc" in summary else ""
+    typer.echo(f"{run_id}: trained in {summary['wall_time_s']:.1f} s ({summary['train_images_per_s']:,.0f} "
+               f"images/s); final-epoch training accuracy {summary['train_acc']:.4f}{val}")
 
 
 if __name__ == "__main__":

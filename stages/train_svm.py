@@ -25,7 +25,7 @@ def main(variant: str = typer.Argument(..., help="a recipe under params.yaml `sv
         cfg = recipe(config, variant)
         data = load_prepared(prepared, config.dataset)
         run = train_variant(cfg, data.train, data.test, variant, config.seed, config.quick)
-    save_run(run, models / variant, metrics / f"svm-{variant}.json")
+        save_run(run, models / variant, metrics / f"svm-{variant}.json")
     m = run.metrics
     typer.echo(f"svm-{variant}: test accuracy {m['test_accuracy']:.4f}, macro F1 "
                f"{m['test_macro_f1']:.4f}; fit {m['fit_time_s']:.1f} s on {m['train_size']} images, "

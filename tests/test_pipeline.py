@@ -52,7 +52,7 @@ def tiny_params(raw: dict) -> dict:
     raw["seeds"] = {row: [0] for row in raw["seeds"]}
     raw["quick_scale"] = {"train_size": 200, "validation_size": 50, "test_size": 100,
                           "epochs": MLP_EPOCHS, "epoch_images": {"default": 200},
-                          "tsne_size": 60, "pca_size": 60}
+                          "tsne_size": 60, "pca_size": 60, "corrupt_size": 20}
     raw["download"]["sources"] = [str(REAL_SOURCE)]
     raw["stats"] |= {"tsne_size": 60, "tsne_perplexity": 10.0, "pca_size": 60, "sprite_per_class": 2}
     raw["svm"] = {"rbf": {"C": 10.0, "gamma": 0.01},
