@@ -5,8 +5,8 @@ epochs, scored on a 55k/5k validation split (the test set chooses nothing).
     python -m bench.speedrun_ablation --probe recipe --probe "no whitening" --seed 1
     python -m bench.speedrun_ablation --table               # the table of the probes run so far
 
-The base is params.yaml's `speedrun_cpu` recipe (`--epochs` overrides its epochs, warmup kept
-at the same fraction). Data: data/raw split as `preprocess.validation_size=5000` would split
+The base is params.yaml's `speedrun_cpu` recipe at `--epochs` (default 5, half the row's:
+probes of about 4 minutes on 2 quiet cores), warmup kept at the same fraction of the steps. Data: data/raw split as `preprocess.validation_size=5000` would split
 it, built once into `--prepared` by the library's own preprocessing (not DVC). Each probe
 trains in this process from its seed and appends one JSON line to `--results`: validation
 accuracy plain, with flip TTA and with flip + translate TTA, wall seconds and the machine's
@@ -28,7 +28,9 @@ import typer
 
 from fashionbench.data import load_prepared, load_raw, prepare, save_prepared
 from fashionbench.evaluate import predict_proba, shifted_views
-from fashionbench.params import Sizes, TrainRecipe, load_params
+from ruamel.yaml import YAML
+
+from fashionbench.params import Sizes, TrainRecipe, params_from_dict, read_yaml
 from fashionbench.train import fit
 
 ROW = "speedrun_cpu"
@@ -47,15 +49,21 @@ def _recipe(**changes) -> Callable[[TrainRecipe], TrainRecipe]:
     return lambda r: dataclasses.replace(r, **changes)
 
 
-# Each probe: the recipe with one trick off (TTA needs no probe: every probe reports it).
-PROBES: dict[str, Callable[[TrainRecipe], TrainRecipe]] = {
-    "recipe": lambda r: r,
-    "no whitening": _arch(whiten=False),           # an ordinary trainable 2x2 first conv
-    "no identity init": _arch(dirac=False),
-    "BN biases at 1x lr": _recipe(bn_bias_lr=1.0),
-    "no label smoothing": _recipe(label_smoothing=0.0),
-    "random flips": _augment(alternate_flip=False),
-    "no translation": _augment(crop_pad=0),
+# Each probe: the recipe with one change, and its epochs as a multiple of --epochs. The widths
+# probes train for the same seconds as the recipe instead (epochs in inverse proportion to
+# their training images/s on this CPU, one thread: 418, 666 and 1,302 for 32-64-128, 24-48-96
+# and 16-32-64). TTA needs no probe: every probe reports it.
+PROBES: dict[str, tuple[Callable[[TrainRecipe], TrainRecipe], float]] = {
+    "recipe": (lambda r: r, 1.0),
+    "widths 32-64-128 (equal time)": (_arch(widths=(32, 64, 128)), 0.6),
+    "widths 16-32-64 (equal time)": (_arch(widths=(16, 32, 64)), 2.0),
+    "no whitening": (_arch(whiten=False), 1.0),   # an ordinary trainable 2x2 first conv
+    "no identity init": (_arch(dirac=False), 1.0),
+    "BN biases at 1x lr": (_recipe(bn_bias_lr=1.0), 1.0),
+    "no label smoothing": (_recipe(label_smoothing=0.0), 1.0),
+    "random flips": (_augment(alternate_flip=False), 1.0),
+    "no translation": (_augment(crop_pad=0), 1.0),
+    "+ EMA 0.98 per step": (_recipe(ema=0.98), 1.0),
 }
 
 
@@ -67,15 +75,27 @@ def prepared_split(raw: Path, out: Path):
     return load_prepared(out)
 
 
-def probe_recipe(params_path: Path, probe: str, epochs: int) -> TrainRecipe:
-    base = load_params(params_path).recipe(ROW)
-    if epochs:
-        base = dataclasses.replace(base, epochs=epochs,
-                                   warmup_epochs=base.warmup_epochs * epochs / base.epochs)
-    return PROBES[probe](dataclasses.replace(base, time_budget_s=0.0, device="cpu"))
+def probe_recipe(params_path: Path, probe: str, epochs: int, settings: list[str] = ()) -> TrainRecipe:
+    """The probe's recipe: params.yaml's with `settings` ("key=value", as `dvc exp run -S`
+    takes them under the row), its epochs set (warmup kept at the same fraction)."""
+    raw = read_yaml(Path(params_path))
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        *path, leaf = key.split(".")
+        section = raw[ROW]
+        for part in path:
+            section = section.setdefault(part, {})
+        section[leaf] = YAML(typ="safe", pure=True).load(value)
+    base = params_from_dict(raw).recipe(ROW)
+    change, factor = PROBES[probe]
+    n = max(1, round((epochs or base.epochs) * factor))
+    base = dataclasses.replace(base, epochs=n, warmup_epochs=base.warmup_epochs * n / base.epochs,
+                               time_budget_s=0.0, device="cpu")
+    return change(base)
 
 
 def run_probe(probe: str, seed: int, recipe: TrainRecipe, data) -> dict:
+    """Train one probe from `seed` on the 55k split; its validation accuracies and times."""
     load = os.getloadavg()[0]
     cpu, start = time.process_time(), time.perf_counter()
     result = fit(recipe.model, recipe.arch, recipe, data.train, data.val, mean=data.mean,
@@ -88,36 +108,46 @@ def run_probe(probe: str, seed: int, recipe: TrainRecipe, data) -> dict:
                                        views=shifted_views(max(1, recipe.tta_shift)), **kw)) / 2
     acc = {name: float(np.mean(p.argmax(axis=1) == data.val.labels))
            for name, p in (("val_acc", plain), ("val_acc_flip_tta", flipped), ("val_acc_tta", shifted))}
-    return {"probe": probe, "seed": seed, "epochs": recipe.epochs, **acc,
+    return {"probe": probe, "seed": seed, "epochs": recipe.epochs, "threads": torch.get_num_threads(), **acc,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "s_per_epoch": round(sum(h["epoch_time_s"] for h in result.history) / len(result.history), 1),
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per probe, seeds averaged (mean, and the spread when several)."""
+    """Markdown: one line per probe and --set, seeds averaged (mean, and the spread when
+    several); Δ against the recipe probe run with the same --set."""
     def cell(values: list[float]) -> str:
         mean = float(np.mean(values))
         return f"{mean:.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
 
-    base = [r["val_acc"] for r in rows if r["probe"] == "recipe"]
-    lines = ["| probe | seeds | epochs | val acc | Δ vs recipe | flip TTA | flip + translate TTA | s/epoch | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for probe in [p for p in PROBES if any(r["probe"] == p for r in rows)]:
-        runs = [r for r in rows if r["probe"] == probe]
-        acc = [r["val_acc"] for r in runs]
-        delta = f"{np.mean(acc) - np.mean(base):+.4f}" if base and probe != "recipe" else "-"
-        lines.append(f"| {probe} | {','.join(str(r['seed']) for r in runs)} | {runs[0]['epochs']} | "
-                     f"{cell(acc)} | {delta} | {cell([r['val_acc_flip_tta'] for r in runs])} | "
-                     f"{cell([r['val_acc_tta'] for r in runs])} | "
-                     f"{np.mean([r['s_per_epoch'] for r in runs]):.0f} | "
-                     f"{np.mean([r['wall_s'] for r in runs]):.0f} |")
+    def key(row: dict) -> tuple:
+        return tuple(row.get("settings") or ())
+
+    lines = ["| probe | epochs | seeds | val acc | Δ vs recipe | flip TTA | flip + translate TTA |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for settings in dict.fromkeys(key(r) for r in rows):
+        base = [r["val_acc"] for r in rows if r["probe"] == "recipe" and key(r) == settings]
+        for probe in PROBES:
+            runs = [r for r in rows if r["probe"] == probe and key(r) == settings]
+            if not runs:
+                continue
+            acc = [r["val_acc"] for r in runs]
+            delta = f"{np.mean(acc) - np.mean(base):+.4f}" if base and probe != "recipe" else "-"
+            name = probe + (f" (--set {' '.join(settings)})" if settings else "")
+            lines.append(f"| {name} | {runs[0]['epochs']} | {','.join(str(r['seed']) for r in runs)} | "
+                         f"{cell(acc)} | {delta} | {cell([r['val_acc_flip_tta'] for r in runs])} | "
+                         f"{cell([r['val_acc_tta'] for r in runs])} |")
     return "\n".join(lines)
 
 
 def main(probe: list[str] = typer.Option([], help=f"probes to run (default: all): {', '.join(PROBES)}"),
          seed: list[int] = typer.Option([0], help="training seeds (each probe runs once per seed)"),
-         epochs: int = typer.Option(0, help="epochs of every probe; 0 = the recipe's"),
+         epochs: int = typer.Option(5, help="the recipe's epochs in the probes (the widths probes "
+                                            "scale it); 0 = params.yaml's"),
+         threads: int = typer.Option(0, help="torch threads per probe; 0 = torch's default (every core)"),
+         settings: list[str] = typer.Option([], "--set", help="key=value under speedrun_cpu for every "
+                                            "probe, e.g. --set batch_size=512 --set arch.widths=[32,64,128]"),
          show_table: bool = typer.Option(False, "--table", help="only print the table of --results"),
          params: Path = typer.Option(Path("params.yaml")),
          raw: Path = typer.Option(Path("data/raw"), help="the four official files (read only)"),
@@ -128,12 +158,15 @@ def main(probe: list[str] = typer.Option([], help=f"probes to run (default: all)
     unknown = [p for p in probe if p not in PROBES]
     if unknown:
         raise typer.BadParameter(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    if threads:
+        torch.set_num_threads(threads)
     if not show_table:
         data = prepared_split(raw, prepared)
         results.parent.mkdir(parents=True, exist_ok=True)
         for name in probe or list(PROBES):
             for s in seed:
-                row = run_probe(name, s, probe_recipe(params, name, epochs), data)
+                row = run_probe(name, s, probe_recipe(params, name, epochs, settings), data)
+                row["settings"] = settings
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 typer.echo(json.dumps(row))

@@ -43,10 +43,10 @@ def test_the_recipe_net_maps_a_batch_to_ten_logits_and_its_parameters_are_pinned
     for training in (True, False):
         out = model.train(training)(torch.randn(2, 1, 28, 28))
         assert out.shape == (2, 10) and torch.isfinite(out).all()
-    # convs 288,000 (8->32, 32->32, 32->64, 64->64, 64->128, 128->128, all 3x3), BN biases 448,
-    # classifier 1,280; the frozen whitening filters and BN scales do not train
-    assert count_parameters(model) == 289_728
-    assert sum(p.numel() for p in model.parameters()) == 289_728 + 32 + 448
+    # convs 162,432 (8->24, 24->24, 24->48, 48->48, 48->96, 96->96, all 3x3), BN biases 336,
+    # classifier 960; the frozen whitening filters and BN scales do not train
+    assert count_parameters(model) == 163_728
+    assert sum(p.numel() for p in model.parameters()) == 163_728 + 32 + 336
 
 
 def test_whitening_filters_are_the_patch_covariance_eigenvectors_and_whiten_the_patches():
@@ -138,8 +138,8 @@ def tiny_data(n: int) -> Prepared:
 def test_a_batch_larger_than_the_training_set_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "checkpoint_root", lambda: tmp_path / "ckpt")
     params = load_params(REPO / "params.yaml")
-    data = tiny_data(100)  # the recipe's batch is 512
-    with pytest.raises(ParamsError, match="512 is more than the 100 training images") as caught:
+    data = tiny_data(100)  # the recipe's batch is 256
+    with pytest.raises(ParamsError, match="256 is more than the 100 training images") as caught:
         train.train_and_save("speedrun_cpu", params, data, 0, tmp_path / "run", tmp_path / "m.json")
     assert caught.value.key == "speedrun_cpu.batch_size"
     assert not (tmp_path / "run" / "model.pt").exists()
