@@ -57,7 +57,8 @@ NOT_RUN_EPOCH_S = {"resnet7": (480, None), "resnet9": (991, None), "resnet18": (
                    "resnet34": (3587, None), "wrn": (5096, 10.4), "wrn28": (1137, None),
                    "se_wrn": (4027, 9.1), "se_wrn64": (28510, 64.4), "wrn32": (6397, None),
                    "wrn32_mish": (7382, None)}
-NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict"}
+NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict",
+                    "speedrun_cpu": "at most 10 min a seed on the 2-core CPU: its time_budget_s"}
 
 
 RUN_COLUMNS = ("id", "row", "seed", "accuracy", "macro_f1", "tta_accuracy", "batchstat_accuracy",

@@ -42,7 +42,7 @@ def cifar_meta() -> bytes:
                          b"num_vis": 3072}, protocol=2)
 
 
-def cifar_files(per_batch: int = 20, seed: int = 0) -> dict[str, bytes]:
+def cifar_files(per_batch: int = 40, seed: int = 0) -> dict[str, bytes]:
     """Five training batches, the test batch and batches.meta, small, with a learnable colour
     cue: class k's images are brighter in channel k % 3."""
     rng = np.random.default_rng(seed)
@@ -103,7 +103,7 @@ def test_a_damaged_cifar_batch_names_the_file(content, fragment):
 def test_cifar_from_extracted_files_and_from_the_tarball(cifar_dir, tmp_path):
     data.download((str(cifar_dir),), tmp_path / "raw", 1, CIFAR)
     train, test = load_raw(tmp_path / "raw", CIFAR)
-    assert train.images.shape == (100, 32, 32, 3) and test.images.shape == (20, 32, 32, 3)
+    assert train.images.shape == (200, 32, 32, 3) and test.images.shape == (40, 32, 32, 3)
     tarball = tmp_path / "packed" / CIFAR.archive
     tarball.parent.mkdir()
     with tarfile.open(tarball, "w:gz") as tar:
@@ -172,6 +172,7 @@ def test_every_model_takes_colour_32px_images(name, params_dict):
 
 
 def test_cifar10_through_preprocess_training_and_evaluation(cifar_dir, tmp_path, monkeypatch, params_dict):
+    from fashionbench import corrupt
     from fashionbench.data import load_prepared, prepare, save_prepared
     from fashionbench.evaluate import evaluate_run
     from fashionbench.params import Sizes
@@ -181,7 +182,7 @@ def test_cifar10_through_preprocess_training_and_evaluation(cifar_dir, tmp_path,
     params_dict["download"]["sources"] = [str(cifar_dir)]
     params_dict["preprocess"]["validation_size"] = 20
     params_dict["quick_scale"].update(train_size=80, validation_size=20, test_size=20)
-    params_dict["cnn"].update(epochs=4, lr=0.005)
+    params_dict["cnn"].update(epochs=4, lr=0.005, batch_size=40)  # of 180 training images
     params_dict["evaluate"]["device"] = params_dict["train_defaults"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
     monkeypatch.chdir(tmp_path)
@@ -195,6 +196,8 @@ def test_cifar10_through_preprocess_training_and_evaluation(cifar_dir, tmp_path,
     prepared = load_prepared(tmp_path / "data/prepared", params.dataset)
     with pytest.raises(DataError, match="no train split of fashion-mnist images"):
         load_prepared(tmp_path / "data/prepared")  # colour arrays are not Fashion-MNIST's
+    corrupt.save(corrupt.build(test.images, test.labels, 20, 0, ("gaussian_noise", "rotate"), (1, 5)),
+                 tmp_path / "data/corrupted")  # colour images corrupt too
     metrics = train_and_save("cnn", params, prepared, 0, tmp_path / "models/cnn/seed0",
                              tmp_path / "metrics/train/cnn-seed0.json", progress=False)
     assert metrics["parameters"] == 3 * 32 * 9 + 32 + 32 * 64 * 9 + 64 + 64 * 8 * 8 * 256 + 256 + 2570
