@@ -455,10 +455,6 @@ class Params:
     def __post_init__(self) -> None:
         check_seeds(self.seeds, self.recipes)
         _require(len(self.svm) > 0, "svm", "define at least one SVM recipe")
-        runs = [run_id for run_id, _, _ in run_ids(self.svm, self.recipes, self.seeds)]
-        for run_id in self.compare.reproduce:
-            _require(run_id in runs, "compare.reproduce", f"unknown run {run_id!r}" + _did_you_mean(run_id, runs)
-                     + f"; runs: {', '.join(runs)}")
         for name in self.compare.ensemble:
             _require(name in self.recipes, "compare.ensemble",
                      f"unknown row {name!r}; deep rows: {', '.join(self.recipes)}")

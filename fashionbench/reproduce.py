@@ -167,6 +167,11 @@ def main(list_rows: bool = typer.Option(False, "--list", help="only list the row
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     with user_errors():
         plan = load_plan(params)
+        runs = [run_id for run_id, _, _ in plan.runs()]
+        unknown = [run_id for run_id in plan.reproduce if run_id not in runs]
+        if unknown:  # checked here, not in check_params: an experiment may drop a seed it names
+            raise UserError(f"params.yaml: compare.reproduce names {', '.join(unknown)}, which params.yaml "
+                            f"does not define; its runs: {', '.join(runs)}")
         results = json.loads(RESULTS.read_text())
         done: list[Reproduced] = []
         if not list_rows:

@@ -94,3 +94,12 @@ def test_a_dirty_workspace_is_refused_unless_asked(clone):
     assert done.returncode != 0 and "uncommitted changes to params.yaml" in done.stderr
     assert "--allow-dirty" in done.stderr and "Traceback" not in done.stderr
     assert "To get the data" in reproduce_in(clone, "--allow-dirty").stderr  # asked: it goes on
+
+
+def test_a_run_params_yaml_does_not_define_is_named(clone):
+    raw = yaml.safe_load((clone / "params.yaml").read_text())
+    raw["seeds"]["mlp"] = [1]  # an experiment's seed list: compare.reproduce's mlp-seed0 is gone
+    (clone / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = reproduce_in(clone, "--allow-dirty")
+    assert done.returncode != 0 and "compare.reproduce names mlp-seed0" in done.stderr
+    assert "Traceback" not in done.stderr
