@@ -288,8 +288,12 @@ def test_fresh_clone_without_cache_rebuilds_the_record_byte_for_byte(repo, tmp_p
     clone = Repo(tmp_path / "clone")
     run(["git", "clone", "-q", str(repo.root), str(clone.root)], tmp_path, repo.env)
     assert not (clone.root / ".dvc/cache").exists()
-    dry = clone.dvc("repro", "--dry")
-    assert "train_mlp@0" in stages_ran(dry.output), dry.output  # it would re-train: nothing cached
+    # DVC's dry run hashes each stage's inputs, so it stops at the first input another stage
+    # makes; up to there it plans, from the marker git holds (treeverse/dvc#9021)
+    dry = clone.dvc("repro", "--dry", "download")
+    assert "download" in stages_ran(dry.output), dry.output
+    stale = json.loads(clone.dvc("status", "--json").stdout)
+    assert "train_mlp@0" in stale, stale  # it would re-train: nothing is cached
     for path in ("reports/results.json", "plots/compare", "metrics/compare.json"):
         target = clone.root / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
