@@ -350,7 +350,11 @@ def test_a_model_registered_alone_runs_through_train_evaluate_and_compare(tiny_m
     monkeypatch.setenv("FASHIONBENCH_CHECKPOINTS", str(tmp_path / "checkpoints"))
     params = load_params(tmp_path / "params.yaml")
 
+    from fashionbench import corrupt
     from fashionbench.data import load_prepared
+    test = load_prepared(tmp_path / "data/prepared").test
+    corrupt.save(corrupt.build(test.images, test.labels, 20, 0, ("gaussian_noise",), (1,)),
+                 tmp_path / "data/corrupted")  # what the corrupt stage writes
     metrics = train_and_save("tiny", params, load_prepared(tmp_path / "data/prepared"), 0,
                              tmp_path / "models/tiny/seed0", tmp_path / "metrics/train/tiny-seed0.json",
                              progress=False)
