@@ -279,3 +279,35 @@ def test_tta_probabilities_average_the_shifted_views():
     each = [evaluate.predict_proba(model, x, views=(v,), **kw) for v in views]
     np.testing.assert_allclose(both, sum(each) / 4, atol=1e-6)
     assert not np.allclose(each[0], evaluate.predict_proba(model, x, **kw))
+
+
+# ---------------------------------------------------------------- the ablation bench
+
+
+def test_the_ablation_probes_change_one_thing_and_the_widths_probes_keep_the_time():
+    from bench.speedrun_ablation import probe_recipe
+
+    params = REPO / "params.yaml"
+    base = probe_recipe(params, "recipe", 5, ["augment.crop_pad=2", "batch_size=512"])
+    assert (base.epochs, base.batch_size, base.augment.crop_pad) == (5, 512, 2)
+    assert base.warmup_epochs == pytest.approx(RECIPE.warmup_epochs * 5 / RECIPE.epochs)
+    assert base.time_budget_s == 0  # probes are timed, not stopped
+    off = probe_recipe(params, "no whitening", 5, ["augment.crop_pad=2", "batch_size=512"])
+    assert off.arch == dataclasses.replace(base.arch, whiten=False)
+    assert dataclasses.replace(off, arch=base.arch) == base
+    wide = probe_recipe(params, "widths 32-64-128 (equal time)", 5)
+    assert wide.arch.widths == (32, 64, 128) and wide.epochs == 3
+
+
+def test_the_ablation_table_compares_each_probe_with_the_recipe_of_its_seeds():
+    from bench.speedrun_ablation import table
+
+    def row(probe, seed, acc, tta):
+        return {"probe": probe, "seed": seed, "epochs": 5, "val_acc": acc, "val_acc_flip_tta": acc,
+                "val_acc_tta": tta, "settings": ["augment.crop_pad=2"]}
+
+    text = table([row("recipe", 0, 0.930, 0.934), row("recipe", 1, 0.932, 0.936),
+                  row("no whitening", 0, 0.922, 0.928)])
+    line = next(x for x in text.splitlines() if x.startswith("| no whitening"))
+    assert "(--set augment.crop_pad=2)" in line and "| -0.0080 |" in line and line.endswith("| -0.0060 |")
+    assert "0.9310 ± 0.0014" in text  # the recipe's two seeds
