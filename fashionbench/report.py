@@ -121,7 +121,9 @@ def _hardware(train: dict) -> str | None:
         return train.get("device")
     threads = train.get("threads")
     plural = "s" if threads != 1 else ""
-    return f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} thread{plural}" if threads else "")
+    precision = train.get("precision")  # recorded since runs began to say it
+    return (f"{train.get('device', 'cpu')}: {hardware}" + (f", {threads} thread{plural}" if threads else "")
+            + (f", {precision}" if precision else ""))
 
 
 def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,

@@ -453,6 +453,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
     device: str = "cpu"
     precise_bn: dict = field(default_factory=dict)  # images, layers, eval accuracy before/after
+    precision: str = "fp32"  # what the training steps computed in: bf16 (autocast) or fp32
 
     @property
     def wall_time_s(self) -> float:
@@ -558,7 +559,8 @@ def fit(model_name: str, arch: Any, recipe: TrainRecipe, train: Split, val: Spli
                          mean, std)
         if run_dir is not None and group.is_main:  # finished: a forced re-run starts from epoch 0
             _remove_run_folder(run_dir, started)
-    return FitResult(final.eval(), history, runtime.describe(), bn)
+    return FitResult(final.eval(), history, runtime.describe(), bn,
+                     "bf16" if runtime.amp_dtype == torch.bfloat16 else "fp32")
 
 
 def _check_batch(recipe: TrainRecipe, train_size: int) -> None:
@@ -719,7 +721,8 @@ def train_and_save(row: str, params: Params, data: Prepared, seed: int, run_dir:
         "parameters": count_parameters(result.model), "epochs": recipe.epochs,
         "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
         "wall_time_s": round(result.wall_time_s, 3), "train_images_per_s": round(result.images_per_s, 1),
-        **machine.describe(result.device), "torch_version": torch.__version__, "seed": seed,
+        **machine.describe(result.device), "precision": result.precision,
+        "torch_version": torch.__version__, "seed": seed,
         "quick": params.quick, "trained_with_flips": recipe.augment.hflip > 0,
         **{k: last[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in last},
         **result.precise_bn,
