@@ -17,7 +17,9 @@ CPU runs; the accuracies do not.
 
 The README's table: `--set augment.crop_pad=2` (the recipe as it stood before the ablation
 removed its crops) for every probe, `--seed 0`, and `--seed 1` for `recipe` and `no
-translation`; the widths rows also `--set batch_size=512 --set lr=0.75`.
+translation`; the widths rows also `--set batch_size=512 --set lr=0.75`; then the row at full
+length: `--probe recipe --epochs 30 --threads 1` beside `--probe "+ 2 px translation"
+--epochs 30 --threads 1`. Each result line records the precision its steps ran in.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def run_probe(probe: str, seed: int, recipe: TrainRecipe, data) -> dict:
                                        views=shifted_views(max(1, recipe.tta_shift)), **kw)) / 2
     acc = {name: float(np.mean(p.argmax(axis=1) == data.val.labels))
            for name, p in (("val_acc", plain), ("val_acc_flip_tta", flipped), ("val_acc_tta", shifted))}
-    return {"probe": probe, "seed": seed, "epochs": recipe.epochs, "threads": torch.get_num_threads(), **acc,
+    return {"probe": probe, "seed": seed, "epochs": recipe.epochs, "threads": torch.get_num_threads(),
+            "precision": result.precision, **acc,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "s_per_epoch": round(sum(h["epoch_time_s"] for h in result.history) / len(result.history), 1),
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
