@@ -61,7 +61,7 @@ NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~1
                     "speedrun_cpu": "at most 10 min a seed on the 2-core CPU: its time_budget_s"}
 
 
-RUN_COLUMNS = ("id", "row", "seed", "accuracy", "macro_f1", "tta_accuracy", "batchstat_accuracy",
+RUN_COLUMNS = ("id", "row", "seed", "accuracy", "macro_f1", "tta_accuracy", "tta_shift", "batchstat_accuracy",
                "parameters", "recipe", "epochs", "train_size", "train_s", "hardware",
                "calibrated", "ece", "ece_ts", "brier", "brier_ts", "temperature",
                "robust", "corruption_accuracy", "corruption_means")
@@ -130,6 +130,7 @@ def _run_record(run_id: str, row: str, seed: int | None, ev: dict, train: dict,
                 classes: tuple[str, ...], labels: np.ndarray, predicted: np.ndarray) -> dict:
     return {"id": run_id, "row": row, "seed": seed, "accuracy": ev["accuracy"],
             "macro_f1": ev["macro_f1"], "tta_accuracy": ev.get("tta_accuracy"),
+            "tta_shift": ev.get("tta_shift", 0),  # px of the shifted TTA views; 0 = flips only
             "batchstat_accuracy": ev.get("batchstat_accuracy"),
             "parameters": train.get("parameters"), "recipe": _recipe(row, train),
             "epochs": train.get("epochs"), "train_size": train.get("train_size"),
@@ -229,6 +230,7 @@ def summarise(runs: pd.DataFrame, missing: list[str], plan: Plan) -> pd.DataFram
                        **{k: (k, _all_or_none) for k in ALL_OR_NONE},
                        **{k: (k, "first") for k in ("parameters", "recipe", "epochs", "train_size")},
                        hardware=("hardware", _distinct),
+                       tta_shift=("tta_shift", "max"),
                        train_s=("train_s", "mean"),
                        **{k: (k, "mean") for k in EVALUATED_MEAN},   # NaN-skipping: evaluated seeds
                        calibrated_runs=("calibrated", _count_true),
@@ -350,10 +352,18 @@ def _display_row(row: str, e: dict) -> dict:
     return {"row": row, "params": f"{e['parameters']:,}" if e.get("parameters") else "-",
             "recipe": e["recipe"], "test accuracy": _with_spread(e, "accuracy"),
             "macro F1": _with_spread(e, "macro_f1"),
-            "flip TTA": f"{e['tta_accuracy']:.4f}" if e.get("tta_accuracy") is not None else "-",
+            "flip TTA": _tta_cell(e),
             "epochs": str(e["epochs"]) if e.get("epochs") else "-", "train time": _duration(e.get("train_s")),
             "trained on": e.get("hardware") or "-", "scale": e["scale"], "source report": e["seed_reported"],
             **_calibration_cells(e), **_robustness_cells(e)}
+
+
+def _tta_cell(e: dict) -> str:
+    if e.get("tta_accuracy") is None:
+        return "-"
+    shift = e.get("tta_shift")  # None or NaN where no run recorded one (older runs, the ensemble)
+    shifted = isinstance(shift, (int, float)) and shift > 0
+    return f"{e['tta_accuracy']:.4f}" + (f" (+ {shift:g} px shifts)" if shifted else "")
 
 
 def results_table(table: dict) -> str:
@@ -386,7 +396,8 @@ def results_markdown(table: dict) -> str:
     """reports/results.md: the table, per-class accuracy, batch-norm check and figures."""
     figures = "\n".join(f"![{name}](../plots/compare/{name}.png)" for name in FIGURES)
     return ("# Results\n\nTest accuracy on the official test images, final epoch, plain single "
-            "view; flip TTA separately, for rows trained with flips only. Mean ± sample std where "
+            "view; flip TTA separately, for rows trained with flips only (plus shifted views where "
+            "the cell says so). Mean ± sample std where "
             "several seeds ran. Scale `quick` means the quick check (subsets, one epoch), never "
             f"a result.\n\n{CALIBRATION_NOTES}\n\n"
             f"{results_table(table)}\n## Per-class accuracy\n\n{class_accuracy_table(table)}\n"

@@ -531,3 +531,11 @@ def test_quick_without_a_baseline_says_how_to_make_one(workspace, monkeypatch):
     monkeypatch.setattr(quick, "run_experiment", lambda name, overrides: OLD)
     result = invoke(quick.main)
     assert result.exit_code == 2 and "--update-baseline" in result.output
+
+
+def test_tta_cell_names_shifted_views_only_where_a_row_used_them():
+    from fashionbench.report import _tta_cell
+    assert _tta_cell({"tta_accuracy": 0.943, "tta_shift": 1}) == "0.9430 (+ 1 px shifts)"
+    assert _tta_cell({"tta_accuracy": 0.9386, "tta_shift": 0}) == "0.9386"
+    assert _tta_cell({"tta_accuracy": 0.9, "tta_shift": float("nan")}) == "0.9000"  # the ensemble
+    assert _tta_cell({"tta_accuracy": None}) == "-"
