@@ -35,7 +35,8 @@ def cpu_model(info: dict[str, str] | None = None) -> str:
     name = info.get("model name") or platform.processor() or platform.machine()
     flags = set(info.get("flags", "").split())
     vector = next((label for flag, label in _VECTOR_FLAGS if flag in flags), None)
-    details = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    numbered = {"cpu family", "model"} <= info.keys()
+    details = [f"family {info['cpu family']} model {info['model']}"] if numbered else []
     details += [vector] if vector else []
     return f"{name} ({', '.join(details)})" if details else name
 
