@@ -26,7 +26,7 @@ from fashionbench.dataset import FASHION_MNIST
 from fashionbench.errors import UserError
 from fashionbench.io import atomic_path, save_figure, write_json, write_text
 from fashionbench.params import RUN_RECORDS, Plan, evaluate_stage
-from fashionbench.calibration import ECE_BINS
+from fashionbench.calibration import ECE_BINS, calibration
 from fashionbench.scores import class_accuracy, classification_metrics
 
 ENSEMBLE = "ensemble"
@@ -169,12 +169,15 @@ def load_runs(root: Path, plan: Plan) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame.from_records(records, columns=[*RUN_COLUMNS, *plan.classes]), missing
 
 
-def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame,
-                  classes: tuple[str, ...]) -> pd.DataFrame:
+def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame, classes: tuple[str, ...],
+                  calibration_seed: int, test_size_key: str) -> pd.DataFrame:
     """Per seed, the mean of the members' plain test probabilities (two or more members).
     Seeds that every member ran are the ensemble's seeds; only where none is complete does a
     partial ensemble stand in (its recipe names the absent members). A member run whose
-    predictions are not in git (trained before they were kept there) is absent."""
+    predictions are not in git (trained before they were kept there) is absent. Calibration
+    is measured on the mean probabilities as the evaluate stage measures a run's (the same
+    halves of the test set, `calibration_seed`); the corrupted set is not, since the members'
+    predictions on it are not kept."""
     records = []
     kept = runs["row"].isin(members) & runs["id"].map(lambda i: (root / "predictions" / f"{i}.npz").is_file())
     by_seed = [(seed, parts) for seed, parts in runs[kept].groupby("seed", sort=True)
@@ -190,11 +193,12 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame,
             if absent:
                 recipe += f" ({', '.join(absent)}: {reason})"
         metrics = classification_metrics(labels, probs.argmax(axis=1), len(classes))
+        figures, _ = calibration(probs, labels, calibration_seed, test_size_key)
         records.append({"id": f"{ENSEMBLE}-seed{int(seed)}", "row": ENSEMBLE, "seed": int(seed), **metrics,
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
                         "train_s": parts["train_s"].sum(),
                         "hardware": _distinct(parts["hardware"])}
-                       | class_accuracy(labels, probs.argmax(axis=1), classes))
+                       | _evaluated({"calibration": figures}) | class_accuracy(labels, probs.argmax(axis=1), classes))
     return pd.DataFrame.from_records(records, columns=runs.columns)
 
 
@@ -616,14 +620,18 @@ def write_figures(root: Path, table: dict, runs: pd.DataFrame, out: Path, classe
 # ---------------------------------------------------------------- the stage
 
 
-def compare(plan: Plan, root: Path = Path(".")) -> dict:
+def compare(plan: Plan, calibration_seed: int, root: Path = Path(".")) -> dict:
     """Write reports/results.json and .md, metrics/compare.json and plots/compare/; return
-    the table (reports/results.json's content)."""
+    the table (reports/results.json's content). `calibration_seed`: params.yaml's
+    evaluate.calibration_seed, for the ensemble's temperature."""
     runs, missing = load_runs(root, plan)
     if runs.empty:
         raise UserError("no run that params.yaml defines has been evaluated at this scale: "
                         "run `dvc repro` first")
-    runs = pd.concat([runs, ensemble_runs(root, plan.ensemble, runs, plan.classes)], ignore_index=True)
+    # the params.yaml key that sets the test set's size, as the evaluate stage names it
+    test_size_key = "quick_scale.test_size" if plan.quick else "data.name"
+    ensemble = ensemble_runs(root, plan.ensemble, runs, plan.classes, calibration_seed, test_size_key)
+    runs = pd.concat([runs, ensemble], ignore_index=True)
     table = records(summarise(runs, missing, plan), plan.classes)
     write_json(root / "reports/results.json", table)
     write_json(root / "metrics/compare.json", compact(table))

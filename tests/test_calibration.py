@@ -152,8 +152,8 @@ def add_to_metrics(root, run_id, extra):
 
 
 def test_runs_without_calibration_or_robustness_show_not_evaluated(tree):  # noqa: F811
-    table = report.compare(PLAN, tree)
-    for row in ("svm-rbf", "cnn", "wrn", "ensemble"):
+    table = report.compare(PLAN, 0, tree)
+    for row in ("svm-rbf", "cnn", "wrn"):
         cells = [c.strip() for c in line_of(table, row).split("|")]
         assert cells.count("not evaluated") == 5, (row, cells)
     markdown = (tree / "reports/results.md").read_text()
@@ -179,7 +179,7 @@ def test_calibration_and_robustness_columns_mean_over_the_evaluated_seeds(tree):
     record = {"severity_accuracy": {"1": 0.85, "2": 0.7}}
     (tree / "reports/robustness").mkdir(parents=True)
     (tree / "reports/robustness/cnn-seed0.json").write_text(json.dumps(record))
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     cnn = [c.strip() for c in line_of(table, "cnn").split("|")]
     assert "0.0500 → 0.0200" in cnn and "1.300" in cnn and "0.7500" in cnn and "contrast 0.4000" in cnn
     wrn = [c.strip() for c in line_of(table, "wrn").split("|")]
@@ -189,3 +189,18 @@ def test_calibration_and_robustness_columns_mean_over_the_evaluated_seeds(tree):
     assert table["cnn"]["corruptions"] == pytest.approx({"contrast": 0.4, "jpeg": 0.9})
     assert json.loads((tree / "metrics/compare.json").read_text())["cnn"]["ece_ts"] == pytest.approx(0.02)
     assert "nan" not in (tree / "reports/results.md").read_text().lower()
+
+
+def test_the_ensemble_is_calibrated_from_its_mean_probabilities_not_on_corruptions(tree):  # noqa: F811
+    members = [np.load(tree / "predictions" / f"{row}-seed{seed}.npz") for seed in (0, 1) for row in ("cnn", "wrn")]
+    table = report.compare(PLAN, 3, tree)
+    expected = [cal.calibration(np.mean([m["probs"] for m in members[2 * seed:2 * seed + 2]], axis=0),
+                                members[0]["labels"], 3, "quick_scale.test_size")[0] for seed in (0, 1)]
+    ensemble = table["ensemble"]
+    for key in ("ece", "ece_ts", "brier", "brier_ts", "temperature"):
+        assert ensemble[key] == pytest.approx(np.mean([e[key] for e in expected]), abs=1e-5), key
+    assert ensemble["calibrated_runs"] == 2 and ensemble["robust_runs"] == 0
+    cells = [c.strip() for c in line_of(table, "ensemble").split("|")]
+    assert cells.count("not evaluated") == 2 and f"{ensemble['ece']:.4f} → {ensemble['ece_ts']:.4f}" in cells
+    # the seed chooses the halves the temperatures are fitted on: another seed, other figures
+    assert report.compare(PLAN, 4, tree)["ensemble"]["temperature"] != ensemble["temperature"]

@@ -122,7 +122,7 @@ def line_of(table: dict, row: str) -> str:
 
 
 def test_two_seeds_give_mean_and_sample_std(tree):
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     assert list(table) == ["svm-rbf", "svm-hog_seed", "cnn", "mlp", "wrn", "ensemble"]
     cnn = table["cnn"]
     accs = [acc(tree, "cnn-seed0"), acc(tree, "cnn-seed1")]
@@ -146,7 +146,7 @@ def test_two_seeds_give_mean_and_sample_std(tree):
 
 
 def test_class_accuracy_comes_from_the_recorded_predictions(tree):
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     for row, runs in (("svm-rbf", ["svm-rbf"]), ("cnn", ["cnn-seed0", "cnn-seed1"])):
         expected = {}
         for c, name in enumerate(FASHION_MNIST.classes):
@@ -158,7 +158,7 @@ def test_class_accuracy_comes_from_the_recorded_predictions(tree):
 
 
 def test_compare_writes_its_files(tree):
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     assert json.loads((tree / "reports/results.json").read_text()) == table
     compact = json.loads((tree / "metrics/compare.json").read_text())
     assert compact == report.compact(table) and set(compact) == {r for r, e in table.items() if not e.get("not_run")}
@@ -183,7 +183,7 @@ def test_leftover_files_of_a_seed_not_in_the_plan_are_ignored(tree):
     (tree / "metrics/eval/mlp-seed1.json").write_text("{not json")
     (tree / "predictions/cnn-seed1.npz").write_bytes(b"truncated")
     add_run(tree, "svm-old", probs_with_errors(0, 1), svm_train("old", 1.0))  # a removed recipe
-    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), tree)
+    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), 0, tree)
     assert "svm-old" not in table
     cnn = table["cnn"]
     assert cnn["runs"] == 1 and cnn["seeds"] == [0] and cnn["accuracy_std"] == 0.0
@@ -202,7 +202,7 @@ def test_removing_rows_from_params_is_fine(tree, write_params):
         p["svm"] = {k: v for k, v in p["svm"].items() if k != "hog"}
     plan = load_plan(write_params(edit))
     assert "mlp" not in plan.deep and "svm-hog" not in plan.rows()
-    table = report.compare(plan, tree)
+    table = report.compare(plan, 0, tree)
     assert "mlp" not in table and "svm-hog" not in table
     assert table["cnn"]["runs"] == 2 and table["svm-rbf"]["runs"] == 1
     # the params rows this tree never ran are listed as such
@@ -213,7 +213,7 @@ def test_a_row_never_run_shows_its_command(tree):
     for seed in (0, 1):
         remove_run(tree, f"wrn-seed{seed}")
     remove_run(tree, "svm-hog_seed")
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     assert list(table) == ["svm-rbf", "svm-hog_seed", "cnn", "mlp", "wrn"]  # one ensemble member left
     wrn = table["wrn"]
     assert wrn["not_run"] is True and wrn["runs"] == 0 and wrn["scale"] == "quick"
@@ -229,7 +229,7 @@ def test_a_row_never_run_shows_its_command(tree):
 
 def test_one_seed_of_a_row_missing(tree):
     remove_run(tree, "wrn-seed1")
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     assert table["wrn"]["runs"] == 1 and table["wrn"]["seeds"] == [0]
     # seed 1 has one ensemble member left: no ensemble for it
     assert table["ensemble"]["seeds"] == [0] and table["ensemble"]["runs"] == 1
@@ -243,12 +243,12 @@ def test_a_run_of_the_other_scale_is_not_run(tree, plan_quick):
         path = tree / f"reports/runs/mlp-seed{seed}.json"
         path.write_text(json.dumps(json.loads(path.read_text()) | {"quick": False}))
     if plan_quick:
-        table = report.compare(plan, tree)
+        table = report.compare(plan, 0, tree)
         assert table["mlp"]["not_run"] and table["mlp"]["scale"] == "quick"
         assert table["mlp"]["command"] == "dvc repro evaluate_mlp@mlp-0 evaluate_mlp@mlp-1"
         assert table["cnn"]["runs"] == 2
     else:  # now only mlp is of this scale
-        table = report.compare(plan, tree)
+        table = report.compare(plan, 0, tree)
         assert table["mlp"]["runs"] == 2 and table["mlp"]["scale"] == "full"
         assert all(table[row].get("not_run") for row in ("svm-rbf", "svm-hog_seed", "cnn", "wrn"))
         assert "not run at full scale" in line_of(table, "cnn")
@@ -256,13 +256,13 @@ def test_a_run_of_the_other_scale_is_not_run(tree, plan_quick):
 
 def test_no_run_of_this_scale_is_an_error(tree):
     with pytest.raises(UserError, match="dvc repro"):
-        report.compare(dataclasses.replace(PLAN, quick=False), tree)
+        report.compare(dataclasses.replace(PLAN, quick=False), 0, tree)
     assert not (tree / "metrics/compare.json").exists()
 
 
 def test_the_ensemble_row_says_what_it_averages(tree):
     plan = dataclasses.replace(PLAN, ensemble=("cnn", "mlp", "wrn"))
-    table = report.compare(plan, tree)
+    table = report.compare(plan, 0, tree)
     ensemble = table["ensemble"]
     assert ensemble["recipe"] == "mean plain probabilities of cnn, mlp, wrn"
     per_seed = []
@@ -276,7 +276,7 @@ def test_the_ensemble_row_says_what_it_averages(tree):
     # a listed member with no run at this scale is named as such
     for seed in (0, 1):
         remove_run(tree, f"mlp-seed{seed}")
-    table = report.compare(plan, tree)
+    table = report.compare(plan, 0, tree)
     assert table["ensemble"]["recipe"] == "mean plain probabilities of cnn, wrn (mlp: not run)"
     assert "mean plain probabilities of cnn, wrn (mlp: not run)" in line_of(table, "ensemble")
 
@@ -285,7 +285,7 @@ def test_the_ensemble_keeps_to_the_seeds_every_member_ran(tree):
     """cnn and wrn ran seeds 0 and 1, mlp only seed 0: a seed-1 ensemble of two of the three
     members would mix different ensembles into one mean."""
     remove_run(tree, "mlp-seed1")
-    table = report.compare(dataclasses.replace(PLAN, ensemble=("cnn", "mlp", "wrn")), tree)
+    table = report.compare(dataclasses.replace(PLAN, ensemble=("cnn", "mlp", "wrn")), 0, tree)
     assert table["ensemble"]["seeds"] == [0] and table["ensemble"]["runs"] == 1
     assert table["ensemble"]["recipe"] == "mean plain probabilities of cnn, mlp, wrn"
 
@@ -294,7 +294,7 @@ def test_a_row_names_every_machine_its_seeds_ran_on(tmp_path):
     for seed, card in ((0, "NVIDIA H100 80GB HBM3"), (1, "NVIDIA H200")):
         add_run(tmp_path, f"wrn-seed{seed}", probs_with_errors(5, seed),
                 deep_train("wrn", seed, 10, 1.0, device="cuda", hardware=card))
-    table = report.compare(PLAN, tmp_path)
+    table = report.compare(PLAN, 0, tmp_path)
     assert table["wrn"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3, cuda: NVIDIA H200"
 
 
@@ -302,7 +302,7 @@ def test_the_ensemble_names_the_hardware_its_members_used(tmp_path):
     for row in ("cnn", "wrn"):
         add_run(tmp_path, f"{row}-seed0", probs_with_errors(5, 1),
                 deep_train(row, 0, 10, 1.0, device="cuda", hardware="NVIDIA H100 80GB HBM3"), seed=0)
-    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), tmp_path)
+    table = report.compare(dataclasses.replace(PLAN, seeds=SEED_0), 0, tmp_path)
     assert table["cnn"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3"
     assert table["ensemble"]["hardware"] == "cuda: NVIDIA H100 80GB HBM3"
 
@@ -331,7 +331,7 @@ def test_compare_stage_without_evaluations_names_the_fix(tmp_path, write_params,
 
 
 def test_readme_block_update_and_check_round_trip(tree):
-    table = report.compare(PLAN, tree)
+    table = report.compare(PLAN, 0, tree)
     metrics = tree / "reports/results.json"
     path = tree / "README.md"
     path.write_text(f"# x\n\n## Results\n\n{readme.START}\nold table\n{readme.END}\n\n## After\n")

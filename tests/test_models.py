@@ -361,7 +361,7 @@ def test_a_model_registered_alone_runs_through_train_evaluate_and_compare(tiny_m
     assert metrics["architecture"] == "tiny linear, hidden 16" and metrics["epochs"] == 3
     result = evaluate_run("tiny-seed0", params, tmp_path)
     assert result["accuracy"] > 0.5 and "tta_accuracy" not in result  # trained without flips
-    table = compare(load_plan(tmp_path / "params.yaml"), tmp_path)
+    table = compare(load_plan(tmp_path / "params.yaml"), 0, tmp_path)
     assert table["tiny"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-4)
     assert table["tiny"]["parameters"] == 784 * 16 + 16 + 16 * 10 + 10
     assert table["cnn"].get("not_run") and table["svm-rbf"].get("not_run")
