@@ -302,12 +302,16 @@ def test_the_ablation_probes_change_one_thing_and_the_widths_probes_keep_the_tim
 def test_the_ablation_table_compares_each_probe_with_the_recipe_of_its_seeds():
     from bench.speedrun_ablation import table
 
-    def row(probe, seed, acc, tta):
-        return {"probe": probe, "seed": seed, "epochs": 5, "val_acc": acc, "val_acc_flip_tta": acc,
+    def row(probe, seed, acc, tta, epochs=5):
+        return {"probe": probe, "seed": seed, "epochs": epochs, "val_acc": acc, "val_acc_flip_tta": acc,
                 "val_acc_tta": tta, "settings": ["augment.crop_pad=2"]}
 
     text = table([row("recipe", 0, 0.930, 0.934), row("recipe", 1, 0.932, 0.936),
-                  row("no whitening", 0, 0.922, 0.928)])
+                  row("no whitening", 0, 0.922, 0.928), row("widths 32-64-128 (equal time)", 0, 0.931, 0.935, 3),
+                  row("recipe", 0, 0.940, 0.944, 30), row("no whitening", 0, 0.937, 0.939, 30)])
     line = next(x for x in text.splitlines() if x.startswith("| no whitening"))
     assert "(--set augment.crop_pad=2)" in line and "| -0.0080 |" in line and line.endswith("| -0.0060 |")
-    assert "0.9310 ± 0.0014" in text  # the recipe's two seeds
+    assert "0.9310 ± 0.0014" in text  # the recipe's two seeds at 5 epochs, not the 30-epoch run
+    assert "| +0.0010 |" in next(x for x in text.splitlines() if x.startswith("| widths"))  # equal time: 5
+    longer = [x for x in text.splitlines() if "| 30 |" in x]
+    assert len(longer) == 2 and longer[1].endswith("| -0.0050 |")  # against the 30-epoch recipe
