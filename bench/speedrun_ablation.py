@@ -19,8 +19,8 @@ The README's table: `--set augment.crop_pad=2` (the recipe as it stood before th
 removed its crops) for every probe, `--seed 0`, and `--seed 1` for `recipe` and `no
 translation`; the widths rows also `--set batch_size=512 --set lr=0.75`; then the row at full
 length: `--probe recipe --epochs 30 --threads 1` beside `--probe "+ 2 px translation"
---epochs 30 --threads 1`, and `--probe recipe --seed 1` beside `--probe "+ random erasing"`
-the same way. Each result line records the precision its steps ran in.
+--epochs 30 --threads 1`, and `--probe recipe --seed 1` beside `--probe "+ random erasing"
+--seed 0`, both `--epochs 30 --threads 1`. Each result line records the precision its steps ran in.
 """
 
 from __future__ import annotations
@@ -137,7 +137,11 @@ def table(rows: list[dict]) -> str:
         return f"{mean:.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
 
     def key(row: dict) -> tuple:  # the --set and the --epochs the probe ran under
-        return tuple(row.get("settings") or ()), round(row["epochs"] / PROBES[row["probe"]][1])
+        # lines written before base_epochs was recorded: undo the probe's epoch factor
+        base = row.get("base_epochs") or round(row["epochs"] / PROBES[row["probe"]][1])
+        return tuple(row.get("settings") or ()), base
+
+    rows = [r for r in rows if r["probe"] in PROBES]  # a probe since removed has no line
 
     lines = ["| probe | epochs | seeds | val acc | Δ | flip TTA | flip + translate TTA | Δ |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -186,7 +190,7 @@ def main(probe: list[str] = typer.Option([], help=f"probes to run (default: all)
         for name in probe or list(PROBES):
             for s in seed:
                 row = run_probe(name, s, probe_recipe(params, name, epochs, settings), data)
-                row["settings"] = settings
+                row |= {"settings": settings, "base_epochs": epochs}
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 typer.echo(json.dumps(row))

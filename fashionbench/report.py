@@ -198,7 +198,8 @@ def ensemble_runs(root: Path, members: tuple[str, ...], runs: pd.DataFrame, clas
                         "parameters": parts["parameters"].sum(), "recipe": recipe,
                         "train_s": parts["train_s"].sum(),
                         "hardware": _distinct(parts["hardware"])}
-                       | _evaluated({"calibration": figures}) | class_accuracy(labels, probs.argmax(axis=1), classes))
+                       | _evaluated({"calibration": figures})
+                       | class_accuracy(labels, probs.argmax(axis=1), classes))
     return pd.DataFrame.from_records(records, columns=runs.columns)
 
 

@@ -315,3 +315,9 @@ def test_the_ablation_table_compares_each_probe_with_the_recipe_of_its_seeds():
     assert "| +0.0010 |" in next(x for x in text.splitlines() if x.startswith("| widths"))  # equal time: 5
     longer = [x for x in text.splitlines() if "| 30 |" in x]
     assert len(longer) == 2 and longer[1].endswith("| -0.0050 |")  # against the 30-epoch recipe
+    # --epochs 9 gives the widths probe 5 epochs: its recorded base groups it, not 5 / 0.6
+    nine = table([row("recipe", 0, 0.936, 0.94, 9) | {"base_epochs": 9},
+                  row("widths 32-64-128 (equal time)", 0, 0.937, 0.94, 5) | {"base_epochs": 9},
+                  row("a probe since removed", 0, 0.5, 0.5)])
+    assert next(x for x in nine.splitlines() if x.startswith("| widths")).split("|")[5].strip() == "+0.0010"
+    assert "since removed" not in nine
