@@ -47,17 +47,19 @@ SEED_REPORTED = {
 }
 
 # How long a row nobody has run at full scale would take: seconds per epoch on the 2-core
-# development CPU (AMD EPYC, fp32, both cores; `python -m fashionbench.runner time <row>
-# --images 1024`, ResNet-7's from its 8-epoch run) and on one H100 (this engine's defaults,
-# bench/results-gpu-h100.md: WRN-40-4 at batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s; None:
-# not measured); the rbf_scaled fit was timed at 54 min on one core. SE-WRN-64-8's are
-# SE-WRN-40-4's scaled by their training FLOPs per image (34.86 / 4.92 GFLOP = 7.08x, torch's
-# FlopCounterMode), not measured: one warm-up of ten batches of 256 would take ~20 minutes here.
-NOT_RUN_EPOCH_S = {"resnet7": (480, None), "resnet9": (991, None), "resnet18": (1947, None),
-                   "resnet34": (3587, None), "wrn": (5096, 10.4), "wrn28": (1137, None),
-                   "se_wrn": (4027, 9.1), "se_wrn64": (28510, 64.4), "wrn32": (6397, None),
-                   "wrn32_mish": (7382, None)}
-NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~54 min libsvm fit on one core, plus ~10 min predict",
+# AVX512-BF16 EPYC (family 25 model 17, bf16, both cores; `python -m fashionbench.runner time
+# <row> --images 1024`; ResNet-9's from its 20-epoch run) and on one H100 (this engine's
+# defaults, bench/results-gpu-h100.md: WRN-40-4 at batch 128 10.4 s, the SE-WRN-40-4 row 9.1 s;
+# None: not measured). SE-WRN-64-8's are SE-WRN-40-4's scaled by their training FLOPs per image
+# (34.86 / 4.92 GFLOP = 7.08x, torch's FlopCounterMode), not measured: one warm-up of ten
+# batches of 256 would take minutes here.
+NOT_RUN_CPU = "the 2-core AVX512-BF16 EPYC in bf16"
+NOT_RUN_EPOCH_S = {"resnet7": (95, None), "resnet9": (316, None), "resnet18": (451, None),
+                   "resnet34": (826, None), "wrn": (1825, 10.4), "wrn28": (477, None),
+                   "se_wrn": (1118, 9.1), "se_wrn64": (7919, 64.4), "wrn32": (2443, None),
+                   "wrn32_mish": (2878, None)}
+# The rbf_scaled fit: 2595 s on one core of the same EPYC.
+NOT_RUN_ESTIMATE = {"svm-rbf_scaled": "a ~43 min libsvm fit on one core, plus ~10 min predict",
                     "speedrun_cpu": "at most 10 min a seed on the 2-core CPU: its time_budget_s"}
 
 
@@ -264,7 +266,7 @@ def _not_run(row: str, missing: list[str], plan: Plan) -> dict:
     if row in NOT_RUN_EPOCH_S and row in plan.epochs and plan.dataset == FASHION_MNIST.name:
         cpu_s, gpu_s = NOT_RUN_EPOCH_S[row]
         epochs = plan.epochs[row]
-        estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on the 2-core CPU with both cores"
+        estimate = f"{epochs} epochs: ~{epochs * cpu_s / 3600:.1f} h on {NOT_RUN_CPU}"
         if gpu_s is not None:
             estimate += f", ~{epochs * gpu_s / 3600:.1f} h on one H100"
     return {"runs": 0, "not_run": True, "command": f"dvc repro {stages}", "estimate": estimate}
